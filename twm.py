@@ -1,0 +1,926 @@
+"""TWM: "Transformer-based World Models Are Happy With 100k Interactions" in one file.
+
+Robine, Höftmann, Uelwer, Harmeling, ICLR 2023 (arXiv 2303.07109). Official code: github.com/jrobine/twm.
+An observation model turns each 4-frame stack into z (32 categoricals x 32 classes); a Transformer-XL over
+(z, a, r) tokens predicts the next z, the reward r̂ and the discount γ̂; an actor-critic on z alone learns
+in imagination. Every default is the official code's; `# official:` comments mark where we differ.
+
+    python twm.py --env-id PongNoFrameskip-v4                    # the paper's Atari 100k run (GPU: ~10 h on an A100)
+    python twm.py --preset tiny --env-id tests.catch:Catch-v0    # learns the Catch test game on a laptop CPU
+    python twm.py --help                                         # every hyperparameter, with the paper's value
+"""
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical, OneHotCategoricalStraightThrough
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+gym.register_envs(ale_py)
+FRAME_SIZE = 64  # every frame is resized to 64x64 (the encoder and decoder shapes assume it)
+
+
+@dataclass
+class Args:
+    """TWM (Robine et al., ICLR 2023). Defaults are the official code's; `--preset tiny` shrinks it for a CPU."""
+
+    # --- experiment ---
+    env_id: str = "PongNoFrameskip-v4"
+    """any gymnasium id; ALE games get the Atari protocol, `module:Env-v0` imports `module` first"""
+    seed: int = 1
+    """seed of python, numpy, torch and the env"""
+    total_timesteps: int = 100_000
+    """agent steps in the real env (each is 4 frames on Atari), random prefill included"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """`paper`: the official configuration; `tiny`: same algorithm, small widths and budgets (see TINY)"""
+    device: str = "auto"
+    """`auto` picks cuda when available, else cpu; or any torch device string"""
+    run_name: Optional[str] = None
+    """folder under runs/; default `<env>__twm__<seed>__<time>`"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic and no cudnn autotuning"""
+    eval_every: int = 5000
+    """evaluate every this many agent steps"""
+    eval_episodes: int = 10
+    """episodes per intermediate evaluation"""
+    final_eval_episodes: int = 100
+    """episodes of the final evaluation (the reported score)"""
+    log_every: int = 100
+    """write losses to TensorBoard every this many updates (each write syncs the device)"""
+    compile: bool = False
+    """torch.compile the networks (CUDA speed-up; off by default)"""
+    amp: bool = False
+    """bf16 autocast for the world-model and actor-critic forwards (CUDA only; off by default)"""
+
+    # --- env protocol ---
+    frame_stack: int = 4
+    """frames per observation; the replay stores each frame once and stacks at sampling time"""
+    noop_max: int = 30
+    """up to this many no-ops after each real reset, training env only"""
+    life_loss_terminal: bool = True
+    """losing a life ends a training episode; the game goes on after one NOOP step (soft reset)"""
+    fire_after_life_loss: bool = True
+    """press FIRE at reset and after each life loss in games that have FIRE"""
+    max_episode_steps: int = 27_000
+    """a game is truncated after this many agent steps (108k frames)"""
+
+    # --- observation model ---
+    obs_channels: int = 48
+    """base width h of the CNN encoder (h, 2h, 4h, 8h) and the transposed-CNN decoder"""
+    obs_mlp_dim: int = 512
+    """width of the encoder's two hidden Linear layers"""
+    z_categoricals: int = 32
+    """number of categorical latents in z"""
+    z_classes: int = 32
+    """classes per categorical latent"""
+    obs_entropy_coef: float = 5.0
+    """coefficient of the entropy hinge of the encoder"""
+    obs_entropy_threshold: float = 0.1
+    """the hinge acts when the mean entropy falls below this fraction of its maximum"""
+    obs_consistency_coef: float = 0.01
+    """coefficient of the cross-entropy from the detached dynamics prediction to the encoder"""
+
+    # --- dynamics model (Transformer-XL) ---
+    dyn_layers: int = 10
+    """Transformer-XL layers"""
+    dyn_heads: int = 4
+    """attention heads"""
+    dyn_head_dim: int = 64
+    """width of each head"""
+    dyn_embed_dim: int = 256
+    """model width d"""
+    dyn_ff_dim: int = 1024
+    """feed-forward width"""
+    dyn_dropout: float = 0.1
+    """dropout on attention, outputs, feed-forward, position encodings and head hidden layers"""
+    dyn_head_layers: int = 4
+    """hidden layers of each prediction head"""
+    dyn_z_head_dim: int = 512
+    """hidden width of the next-z head"""
+    dyn_head_dim_rg: int = 256
+    """hidden width of the reward and discount heads"""
+    dyn_reward_coef: float = 10.0
+    """coefficient of the reward loss"""
+    dyn_discount_coef: float = 50.0
+    """coefficient of the discount loss"""
+    wm_sequence_length: int = 16
+    """steps per world-model training sequence (plus one context step)"""
+    wm_memory_length: int = 16
+    """Transformer-XL memory in steps (3 tokens each, plus 2)"""
+
+    # --- actor-critic ---
+    ac_hidden_dim: int = 512
+    """width of the actor and critic MLPs"""
+    ac_layers: int = 4
+    """hidden layers of the actor and critic MLPs"""
+    ac_horizon: int = 15
+    """imagination horizon H"""
+    ac_batch_size: int = 400
+    """imagined trajectories per update, started from the world-model batch"""
+    gamma: float = 0.99
+    """discount γ (folded into the discount target 0.99(1 - terminated))"""
+    lambda_: float = 0.95
+    """λ of the λ-returns"""
+    actor_entropy_coef: float = 0.01
+    """η of the thresholded entropy penalty"""
+    actor_entropy_threshold: float = 0.1
+    """Γ: penalty when the mean normalised policy entropy drops below it"""
+    discount_threshold: float = 0.1
+    """an imagined trajectory restarts when its cumulative γ̂ drops below this"""
+
+    # --- optimisation ---
+    wm_batch_size: int = 100
+    """world-model sequences per update"""
+    wm_lr: float = 1e-4
+    """learning rate of the observation and dynamics models"""
+    actor_lr: float = 1e-4
+    """learning rate of the actor"""
+    critic_lr: float = 1e-5
+    """learning rate of the critic"""
+    adam_eps: float = 1e-5
+    """Adam epsilon"""
+    weight_decay: float = 1e-6
+    """L2 weight decay added to the gradient (torch Adam, not AdamW)"""
+    wm_grad_clip: float = 100.0
+    """global gradient-norm clip of each world-model optimiser"""
+    ac_grad_clip: float = 1.0
+    """global gradient-norm clip of the actor and of the critic"""
+
+    # --- replay and schedule ---
+    buffer_temperature: float = 20.0
+    """τ of balanced sampling: p(start) ∝ exp(-visits / τ)"""
+    prefill: int = 5000
+    """uniformly random agent steps before training (counted in total_timesteps)"""
+    updates_per_step: float = 125_000 / 95_000
+    """updates (1 world-model + 1 actor-critic step) per agent step after the prefill"""
+    pretrain_obs_updates: int = 24_000
+    """observation-model updates on the prefill data (batches of single stacks)"""
+    pretrain_obs_batch: int = 1600
+    """frame stacks per observation-model pretraining batch"""
+    pretrain_dyn_updates: int = 12_000
+    """dynamics updates on the prefill data with the encoder frozen"""
+    pretrain_ac_updates: int = 7000
+    """actor-critic updates on real latent sequences of the prefill data"""
+
+
+# The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU.
+TINY = dict(total_timesteps=4000, eval_every=1000, eval_episodes=20, final_eval_episodes=50, log_every=20,
+            obs_channels=16, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
+            dyn_layers=2, dyn_heads=2, dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_head_layers=2,
+            dyn_z_head_dim=256, dyn_head_dim_rg=64, wm_sequence_length=8, wm_memory_length=8,
+            ac_hidden_dim=128, ac_layers=2, ac_horizon=10, ac_batch_size=64, wm_batch_size=16,
+            critic_lr=1e-4, prefill=500, updates_per_step=1.0,
+            pretrain_obs_updates=300, pretrain_obs_batch=64, pretrain_dyn_updates=300, pretrain_ac_updates=100)
+PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
+
+
+def fail(message):
+    """Stop with one line that names the problem and the fix, never a traceback."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twm.py'}: error: {message}")
+
+
+def parse_args(argv=None):
+    """tyro CLI on top of a preset: `--preset tiny` picks the defaults, any other flag overrides them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "paper"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
+    if args.total_timesteps <= args.prefill:
+        fail(f"--total-timesteps {args.total_timesteps} must exceed --prefill {args.prefill}")
+    if min(args.wm_batch_size, args.ac_batch_size, args.eval_every, args.final_eval_episodes) <= 0:
+        fail("batch sizes, --eval-every and --final-eval-episodes must be positive")
+    if args.ac_batch_size > args.wm_batch_size * args.wm_sequence_length:
+        fail(f"--ac-batch-size must be at most wm_batch_size x wm_sequence_length "
+             f"({args.wm_batch_size * args.wm_sequence_length}): starts are drawn from the world-model batch")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment: the Atari 100k protocol, built from gymnasium's wrappers plus the two it lacks.
+# ------------------------------------------------------------------------------------------------
+
+class FireAfterLifeLoss(gym.Wrapper):
+    """Press FIRE (then action 2) at reset and FIRE after every life loss, so a serve never waits (official)."""
+
+    def reset(self, **kwargs):
+        self.env.reset(**kwargs)
+        self.env.step(1)
+        obs, _, _, _, info = self.env.step(2)
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        lives = self.env.unwrapped.ale.lives()
+        if 0 < lives < self.lives and not (terminated or truncated):
+            obs, fire_reward, terminated, truncated, info = self.env.step(1)
+            reward += fire_reward
+        self.lives = lives
+        return obs, reward, terminated, truncated, info
+
+
+class LifeLossSoftReset(gym.Wrapper):
+    """A life loss ends the training episode, but the game goes on: the next reset() is one NOOP step."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        lives = self.env.unwrapped.ale.lives()
+        self.game_over = terminated or truncated
+        life_lost = 0 < lives < self.lives
+        self.lives = lives
+        return obs, reward, terminated or life_lost, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:  # the NOOP's reward is dropped (official); its frame starts the new episode
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.game_over = False
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+def is_atari(env_id):
+    try:
+        return str(gym.spec(env_id).entry_point).startswith("ale_py")
+    except gym.error.Error:
+        return False
+
+
+def make_env(args, train, gray=True):
+    """One env yielding single uint8 frames (C, 64, 64); episode statistics count whole games, raw score."""
+    try:
+        if is_atari(args.env_id):  # the protocol is set explicitly, whatever the id's defaults
+            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
+                           max_num_frames_per_episode=4 * args.max_episode_steps)
+        else:
+            env = gym.make(args.env_id)
+    except (gym.error.Error, ModuleNotFoundError, ImportError) as error:
+        fail(f"unknown env id '{args.env_id}' ({type(error).__name__}: {error}); use a registered gymnasium id "
+             f"such as PongNoFrameskip-v4, or `module:Env-v0` for an env registered by `module`")
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        fail(f"env '{args.env_id}' has {type(env.action_space).__name__} actions; TWM needs Discrete actions")
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and
+            (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))):
+        fail(f"env '{args.env_id}' observations are {space}; TWM needs uint8 images (HxW or HxWx3)")
+    size = (FRAME_SIZE, FRAME_SIZE)
+    if is_atari(args.env_id):
+        # 1. frame skip 4 with max-pool over the last 2 frames, resize (INTER_AREA), no-ops in training only
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max if train else 0, frame_skip=4,
+                                              screen_size=size, grayscale_obs=gray, grayscale_newaxis=True)
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # 2. whole games, raw rewards
+        if args.fire_after_life_loss and "FIRE" in env.unwrapped.get_action_meanings():
+            env = FireAfterLifeLoss(env)  # 3.
+        if train and args.life_loss_terminal:
+            env = LifeLossSoftReset(env)  # 4. evaluation plays whole games
+    else:
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = gym.wrappers.ResizeObservation(env, size)
+        if gray and len(space.shape) == 3:
+            env = gym.wrappers.GrayscaleObservation(env, keep_dim=True)
+    # 5. channels first: (H, W[, C]) -> (C, H, W)
+    shape = env.observation_space.shape
+    channels = 1 if len(shape) == 2 else shape[-1]
+    new_space = gym.spaces.Box(0, 255, (channels, *size), np.uint8)
+    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0), new_space)
+
+
+# Random and human scores of the 26 Atari 100k games (SPR's table, as in both official repos).
+ATARI_100K_SCORES = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
+    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
+    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+}
+
+
+def human_normalized_score(env_id, score):
+    """(score - random) / (human - random) for the 26 games, else None."""
+    game = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
+    if game not in ATARI_100K_SCORES:
+        return None
+    random_score, human_score = ATARI_100K_SCORES[game]
+    return (score - random_score) / (human_score - random_score)
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay: every frame stored once as uint8; 4-frame stacks are built at sampling time.
+# ------------------------------------------------------------------------------------------------
+
+class Replay:
+    """obs[i] is the frame before action[i]; reward/terminated/truncated[i] are what action[i] led to."""
+
+    def __init__(self, capacity, frame_shape, stack, temperature, seed):
+        self.frames = np.zeros((capacity + 1, *frame_shape), np.uint8)
+        self.episode_start = np.zeros(capacity + 1, np.int64)  # index of the first frame of each frame's episode
+        self.actions = np.zeros(capacity, np.int64)
+        self.rewards = np.zeros(capacity, np.float32)  # tanh(r), the official reward transform
+        self.terminated = np.zeros(capacity, bool)
+        self.truncated = np.zeros(capacity, bool)
+        self.visits = np.zeros(capacity, np.float64)  # how often each index was a sequence start
+        self.stack, self.temperature, self.size = stack, temperature, 0
+        self.rng = np.random.default_rng(seed)
+
+    def add_frame(self, frame, first):
+        i = self.size
+        self.frames[i] = frame
+        self.episode_start[i] = i if first else self.episode_start[i - 1]
+
+    def add_step(self, action, reward, terminated, truncated):
+        i = self.size
+        self.actions[i], self.rewards[i] = action, math.tanh(reward)
+        self.terminated[i], self.truncated[i] = terminated, truncated
+        self.size += 1
+
+    def stacks(self, index):
+        """Frame stacks at any integer array of indices: (..., stack, H, W), repeating an episode's first frame."""
+        offsets = np.arange(1 - self.stack, 1)
+        frame_index = np.maximum(index[..., None] + offsets, self.episode_start[index][..., None])
+        return self.frames[frame_index].reshape(*index.shape, -1, *self.frames.shape[2:])
+
+    def sample_starts(self, batch, length, balanced=True):
+        """Balanced sampling: starts drawn without replacement with p ∝ exp(-visits / τ), so new data comes first.
+        Pretraining draws uniformly and leaves the visit counts alone."""
+        starts, p = self.start_probabilities(length)
+        if not balanced:
+            return self.rng.choice(starts, size=batch, replace=False)
+        chosen = self.rng.choice(starts, size=batch, replace=False, p=p)
+        self.visits[chosen] += 1
+        return chosen
+
+    def start_probabilities(self, length):
+        """Valid starts s (reading frames s-1 .. s+length) and p(s) = softmax(-visits / τ)."""
+        starts = np.arange(1, self.size - length + 1)
+        logits = -self.visits[starts] / self.temperature
+        p = np.exp(logits - logits.max())
+        return starts, p / p.sum()
+
+    def sequences(self, starts, length, device):
+        """Stacks at s-1 .. s+length (1 context + length + 1 next) and the s-1 .. s+length-1 transitions."""
+        frame_index = starts[:, None] + np.arange(-1, length + 1)
+        step_index = frame_index[:, :-1]
+        to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+        return (to(self.stacks(frame_index)), to(self.actions[step_index]), to(self.rewards[step_index]),
+                to(self.terminated[step_index]), to(self.truncated[step_index]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Observation model: a CNN encoder to z (32 categoricals x 32 classes), a transposed CNN back to pixels.
+# ------------------------------------------------------------------------------------------------
+
+def kaiming_init(module, last_gain_one):
+    """Official init: Kaiming-uniform, gain √2 (SiLU counted as ReLU), zero biases; gain 1 on a last linear layer.
+    Only Linear and Conv2d are matched, so ConvTranspose2d keeps PyTorch's default (an official quirk, kept)."""
+    layers = [m for m in module.modules() if type(m) in (nn.Linear, nn.Conv2d)]
+    for layer in layers:
+        nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
+        nn.init.zeros_(layer.bias)
+    if last_gain_one:
+        nn.init.kaiming_uniform_(layers[-1].weight, nonlinearity="linear")
+
+
+class ObservationModel(nn.Module):
+    def __init__(self, args, in_channels):
+        super().__init__()
+        h, c, z_dim = args.obs_channels, in_channels, args.z_categoricals * args.z_classes
+        self.z_shape, self.frame_shape = (args.z_categoricals, args.z_classes), (c, FRAME_SIZE, FRAME_SIZE)
+        conv = lambda i, o: (nn.Conv2d(i, o, 4, 2), nn.SiLU())  # noqa: E731  64 -> 31 -> 14 -> 6 -> 2
+        self.encoder = nn.Sequential(
+            *conv(c, h), *conv(h, 2 * h), *conv(2 * h, 4 * h), *conv(4 * h, 8 * h), nn.Flatten(),  # (N, 8h*2*2)
+            nn.Linear(32 * h, args.obs_mlp_dim), nn.SiLU(), nn.Linear(args.obs_mlp_dim, args.obs_mlp_dim), nn.SiLU(),
+            nn.Linear(args.obs_mlp_dim, z_dim))
+        deconv = lambda i, o, k: (nn.ConvTranspose2d(i, o, k, 2), nn.SiLU())  # noqa: E731  1 -> 5 -> 13 -> 30 -> 64
+        self.decoder = nn.Sequential(
+            nn.Linear(z_dim, 16 * h), nn.SiLU(), nn.Unflatten(1, (16 * h, 1, 1)),
+            *deconv(16 * h, 4 * h, 5), *deconv(4 * h, 2 * h, 5), *deconv(2 * h, h, 6), nn.ConvTranspose2d(h, c, 6, 2))
+        kaiming_init(self.encoder, last_gain_one=True)
+        kaiming_init(self.decoder, last_gain_one=False)
+
+    def encode(self, obs):
+        """uint8 stacks (..., c, H, W) -> log q(z|o) (..., 32, 32), normalised per categorical."""
+        logits = self.encoder(obs.flatten(0, -4).float() / 255)
+        return logits.view(*obs.shape[:-3], *self.z_shape).log_softmax(-1)
+
+    def decode(self, z):
+        """z (..., 1024) -> mean of the unit-variance Gaussian over pixels (..., c, H, W), pixels in [0, 1]."""
+        return self.decoder(z.flatten(0, -2)).view(*z.shape[:-1], *self.frame_shape)
+
+
+def sample_z(log_q):
+    """One-hot sample with straight-through gradients (sample + probs - sg(probs)), flattened to (..., 1024)."""
+    return OneHotCategoricalStraightThrough(logits=log_q).rsample().flatten(-2)
+
+
+def mode_z(log_q):
+    """The most likely class of each categorical, one-hot and flattened: how the policy sees a real frame."""
+    return F.one_hot(log_q.argmax(-1), log_q.shape[-1]).float().flatten(-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token.
+# ------------------------------------------------------------------------------------------------
+
+def sinusoid_table(length, dim):
+    """R[p, 2i] = sin(p / 10000^(2i/d)), R[p, 2i+1] = cos(...), for relative distances p = 0 .. length-1."""
+    position = torch.arange(length, dtype=torch.float32)[:, None]
+    frequency = 10000 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    table = torch.zeros(length, dim)
+    table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
+    return table
+
+
+class RelativeSelfAttention(nn.Module):
+    """Transformer-XL attention: score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}] / √d (official: d = 256)."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = args.dyn_heads, args.dyn_head_dim, args.dyn_dropout
+        inner = self.heads * self.head_dim
+        self.qkv = nn.Linear(args.dyn_embed_dim, 3 * inner, bias=False)
+        self.pos = nn.Linear(args.dyn_embed_dim, inner, bias=False)  # W_r, one per layer
+        self.out = nn.Linear(inner, args.dyn_embed_dim, bias=False)
+        self.scale = args.dyn_embed_dim ** -0.5
+
+    def forward(self, x, memory, rel_enc, u, v, allowed):
+        B, T, _ = x.shape
+        context = torch.cat([memory, x], 1)  # (B, S, d): cached inputs of this layer, then the new tokens
+        S = context.shape[1]
+        q, k, val = self.qkv(context).chunk(3, -1)
+        heads = lambda t: t.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, nh, len, hs)
+        q, k, val = heads(q[:, S - T:]), heads(k), heads(val)
+        r = self.pos(rel_enc[:S]).view(S, self.heads, self.head_dim).transpose(0, 1)  # (nh, S, hs), row p = distance p
+        by_distance = (q + v) @ r.transpose(1, 2)  # (B, nh, T, S): column p scores distance p
+        query_pos = torch.arange(S - T, S, device=x.device)[:, None]
+        distance = (query_pos - torch.arange(S, device=x.device)).clamp(min=0)  # (T, S), i - j
+        bias = by_distance.gather(-1, distance.expand(B, self.heads, T, S)) * self.scale
+        bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(q.dtype)  # the position term enters as a bias
+        y = F.scaled_dot_product_attention(q + u, k, val, attn_mask=bias, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class XLLayer(nn.Module):
+    """Post-LN (official): x = LN(x + Drop(Attn(x))), then x = LN(x + Drop(FFN(x))); no final LN."""
+
+    def __init__(self, args):
+        super().__init__()
+        d, p = args.dyn_embed_dim, args.dyn_dropout
+        self.attn = RelativeSelfAttention(args)
+        self.ff = nn.Sequential(nn.Linear(d, args.dyn_ff_dim), nn.SiLU(), nn.Dropout(p), nn.Linear(args.dyn_ff_dim, d))
+        self.norm1, self.norm2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(p)
+
+    def forward(self, x, memory, rel_enc, u, v, allowed):
+        x = self.norm1(x + self.drop(self.attn(x, memory, rel_enc, u, v, allowed)))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
+class TransformerXL(nn.Module):
+    """Layers with a memory of their last `mem_len` inputs; u, v are shared by all layers (official)."""
+
+    def __init__(self, args):
+        super().__init__()
+        d, heads, head_dim = args.dyn_embed_dim, args.dyn_heads, args.dyn_head_dim
+        self.layers = nn.ModuleList(XLLayer(args) for _ in range(args.dyn_layers))
+        self.u = nn.Parameter(nn.init.xavier_uniform_(torch.empty(heads, head_dim)).view(heads, 1, head_dim))
+        self.v = nn.Parameter(nn.init.xavier_uniform_(torch.empty(heads, head_dim)).view(heads, 1, head_dim))
+        self.mem_len = 3 * args.wm_memory_length + 2  # 50 tokens: 1 context step + 15 imagined steps fit
+        max_len = max(self.mem_len + 3, 3 * (args.wm_sequence_length + 1) - 1)
+        self.register_buffer("rel_enc", sinusoid_table(max_len, d), persistent=False)
+        self.pos_drop = nn.Dropout(args.dyn_dropout)
+
+    def forward(self, x, eid, memory=None):
+        """x (B, T, d) new tokens with episode ids eid (B, T); memory = (per-layer inputs [(B, M, d)], eids (B, M)).
+        A token sees earlier tokens of its own episode only. Returns (B, T, d) and the updated memory."""
+        if memory is None:
+            memory = ([x.new_zeros(x.shape[0], 0, x.shape[2])] * len(self.layers), eid[:, :0])
+        layer_inputs, memory_eid = memory
+        all_eid = torch.cat([memory_eid, eid], 1)  # (B, S)
+        T, S = x.shape[1], all_eid.shape[1]
+        causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        allowed = causal & (eid[:, :, None] == all_eid[:, None, :])  # (B, T, S): never across an episode end
+        rel_enc = self.pos_drop(self.rel_enc)
+        new_inputs = []
+        for layer, cached in zip(self.layers, layer_inputs):
+            new_inputs.append(torch.cat([cached, x], 1)[:, -self.mem_len:].detach())
+            x = layer(x, cached, rel_enc, self.u, self.v, allowed)
+        return x, (new_inputs, all_eid[:, -self.mem_len:])
+
+
+def prediction_head(d, hidden, out, layers, dropout):
+    """Pre-activation MLP (official): SiLU on h first, then [Linear, SiLU, Dropout] x layers, then Linear."""
+    modules, width = [nn.SiLU()], d
+    for _ in range(layers):
+        modules += [nn.Linear(width, hidden), nn.SiLU(), nn.Dropout(dropout)]
+        width = hidden
+    head = nn.Sequential(*modules, nn.Linear(width, out))
+    kaiming_init(head, last_gain_one=True)
+    return head
+
+
+class DynamicsModel(nn.Module):
+    def __init__(self, args, num_actions):
+        super().__init__()
+        d, z_dim = args.dyn_embed_dim, args.z_categoricals * args.z_classes
+        self.z_shape = (args.z_categoricals, args.z_classes)
+        self.embed_z = nn.Sequential(nn.Linear(z_dim, d), nn.SiLU())
+        self.embed_a = nn.Embedding(num_actions, d)  # N(0, 1) init, as official
+        self.embed_r = nn.Sequential(nn.Linear(1, d), nn.SiLU())
+        kaiming_init(self.embed_z, last_gain_one=False)
+        kaiming_init(self.embed_r, last_gain_one=False)
+        self.transformer = TransformerXL(args)
+        head = lambda hidden, out: prediction_head(d, hidden, out, args.dyn_head_layers, args.dyn_dropout)  # noqa
+        self.z_head, self.reward_head = head(args.dyn_z_head_dim, z_dim), head(args.dyn_head_dim_rg, 1)
+        self.discount_head = head(args.dyn_head_dim_rg, 1)
+        nn.init.constant_(self.discount_head[-1].bias, 0.99)  # official: 0.99 in logit space, so σ(0.99) ≈ 0.73
+
+    def forward(self, z, actions, rewards, dones):
+        """Training. z (B, T, 1024), actions (B, T), rewards and dones (B, T-1) -> h_k at the action tokens (B, T, d).
+        Tokens: [z0, a0, r0, z1, a1, r1, ..., z_{T-1}, a_{T-1}], so h_k has seen z_≤k, a_≤k and r_<k."""
+        rewards = F.pad(rewards, (0, 1))[..., None]  # (B, T, 1): the last step has no reward token
+        tokens = torch.stack([self.embed_z(z), self.embed_a(actions), self.embed_r(rewards)], 2)  # (B, T, 3, d)
+        step_eid = F.pad(dones.long().cumsum(1), (1, 0))  # (B, T): episode ends before each step
+        h, _ = self.transformer(tokens.flatten(1, 2)[:, :-1], step_eid.repeat_interleave(3, 1)[:, :-1])
+        return h[:, 1::3]
+
+    def start(self, z, action):
+        """Imagination context: the two tokens [z_{k-1}, a_{k-1}] of one real step fill the memory."""
+        tokens = torch.stack([self.embed_z(z), self.embed_a(action)], 1)
+        return self.transformer(tokens, torch.zeros_like(tokens[..., 0], dtype=torch.long))[1]
+
+    def step(self, reward, z, action, reward_eid, eid, memory):
+        """Imagination: feed [r_{t-1}, z_t, a_t] against the memory (3 new tokens); return h_t (B, d)."""
+        tokens = torch.stack([self.embed_r(reward[:, None]), self.embed_z(z), self.embed_a(action)], 1)
+        h, memory = self.transformer(tokens, torch.stack([reward_eid, eid, eid], 1), memory)
+        return h[:, -1], memory
+
+    def predict(self, h):
+        """From h_t: log p(ẑ_{t+1}) (..., 32, 32), the reward mean r̂_t (...,), the discount logit of γ̂_t (...,)."""
+        log_p = self.z_head(h).view(*h.shape[:-1], *self.z_shape).log_softmax(-1)
+        return log_p, self.reward_head(h).squeeze(-1), self.discount_head(h).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Actor and critic: MLPs on z alone, so acting in the real game needs only the encoder and the actor.
+# ------------------------------------------------------------------------------------------------
+
+def mlp(in_dim, hidden, out, layers):
+    """[Linear, SiLU] x layers, then Linear; orthogonal init, gain √2 on hidden layers and 1 on the output."""
+    modules, width = [], in_dim
+    for _ in range(layers):
+        modules += [nn.Linear(width, hidden), nn.SiLU()]
+        width = hidden
+    net = nn.Sequential(*modules, nn.Linear(width, out))
+    for layer in net:
+        if isinstance(layer, nn.Linear):
+            nn.init.orthogonal_(layer.weight, math.sqrt(2) if layer is not net[-1] else 1.0)
+            nn.init.zeros_(layer.bias)
+    return net
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses and returns.
+# ------------------------------------------------------------------------------------------------
+
+def observation_losses(obs_model, log_q, z, obs, args):
+    """-log N(o; ô, 1) summed over all pixels (official; a per-pixel mean would shrink it 16384x) and averaged
+    over stacks, plus the entropy hinge on the batch-mean entropy of q (constants of the log-densities dropped)."""
+    decoder = 0.5 * (obs_model.decode(z) - obs.float() / 255).square().sum((-3, -2, -1)).mean()
+    entropy = -(log_q.exp() * log_q).sum((-2, -1)).mean()  # H(q) summed over the categoricals
+    max_entropy = args.z_categoricals * math.log(args.z_classes)
+    return decoder, args.obs_entropy_coef * F.relu(args.obs_entropy_threshold - entropy / max_entropy)
+
+
+def world_model_losses(obs_model, dyn, batch, args, train_encoder=True):
+    """The balanced cross-entropy world-model loss on sequences of 1 context + L steps + 1 next frame.
+    Dynamics terms never reach the encoder (targets and inputs detached); the consistency term never
+    reaches the dynamics (its target is detached), so one backward serves both optimisers."""
+    obs, actions, rewards, terminated, truncated = batch  # obs (B, L+2, c, H, W); the others (B, L+1)
+    dones = terminated | truncated
+    with torch.no_grad():
+        z_context = sample_z(obs_model.encode(obs[:, :1]))  # (B, 1, 1024): o_{s-1}, sampled
+        log_q_next = obs_model.encode(obs[:, -1:])  # target of the last prediction
+    with torch.set_grad_enabled(train_encoder and torch.is_grad_enabled()):
+        log_q = obs_model.encode(obs[:, 1:-1])  # (B, L, 32, 32): log q(z|o) at s .. s+L-1
+        z = sample_z(log_q)
+    z_in = torch.cat([z_context, z.detach()], 1)  # (B, L+1, 1024)
+    log_p, reward, discount_logit = dyn.predict(dyn(z_in, actions, rewards[:, :-1], dones[:, :-1]))
+    # h_k predicts z_{k+1}: predictions from h_s .. h_{s+L-1} against q at o_{s+1} .. o_{s+L}; none across an end
+    target_q = torch.cat([log_q[:, 1:], log_q_next], 1).detach().exp()
+    next_z_ce = -(target_q * log_p[:, 1:]).sum((-2, -1))  # (B, L), summed over the categoricals
+    valid = (~dones[:, 1:]).float()
+    losses = dict(
+        next_z=(next_z_ce * valid).sum() / valid.sum().clamp(min=1),
+        reward=args.dyn_reward_coef * 0.5 * (reward[:, 1:] - rewards[:, 1:]).square().mean(),
+        discount=args.dyn_discount_coef * F.binary_cross_entropy_with_logits(
+            discount_logit[:, 1:], args.gamma * (~terminated[:, 1:]).float()))  # soft target 0.99(1 - terminated)
+    if train_encoder:
+        losses["decoder"], losses["entropy_hinge"] = observation_losses(obs_model, log_q, z, obs[:, 1:-1], args)
+        # consistency: q at o_s .. o_{s+L-1} is pulled toward the detached prediction from h_{s-1} .. h_{s+L-2}
+        losses["consistency"] = -args.obs_consistency_coef * (log_p[:, :-1].detach().exp() * log_q).sum((-2, -1)).mean()
+    return losses, z_in.detach(), dones
+
+
+def lambda_advantages(rewards, values, discounts, lambda_):
+    """A_t = δ_t + λ γ'_t A_{t+1}, δ_t = r_t + γ'_t V_{t+1} - V_t, A_H = 0, so R^λ_t = A_t + V_t.
+    rewards, discounts (N, H); values (N, H+1). γ' is the predicted discount: it already holds γ = 0.99."""
+    deltas = rewards + discounts * values[:, 1:] - values[:, :-1]
+    advantage, advantages = torch.zeros_like(values[:, 0]), []
+    for t in reversed(range(rewards.shape[1])):
+        advantage = deltas[:, t] + lambda_ * discounts[:, t] * advantage
+        advantages.append(advantage)
+    return torch.stack(advantages[::-1], 1)
+
+
+def actor_critic_losses(actor, critic, rollout, args, policy_gradient=True):
+    """Critic: weighted ½(V - R^λ)²; actor: REINFORCE on the pre-update advantages plus η·max(0, Γ - H̄/ln A),
+    a penalty only when the batch-mean normalised entropy drops below Γ. Pretraining maximises entropy only."""
+    z, actions, rewards, discounts, ends, weights = rollout  # z (N, H+1, 1024); the others (N, H)
+    values = critic(z).squeeze(-1)  # (N, H+1)
+    advantages = lambda_advantages(rewards, values.detach(), discounts * (~ends), args.lambda_)
+    returns = advantages + values[:, :-1].detach()
+    policy = Categorical(logits=actor(z[:, :-1]))
+    entropy = (weights * policy.entropy()).mean() / math.log(policy.logits.shape[-1])
+    if policy_gradient:
+        actor_loss = -(weights * policy.log_prob(actions) * advantages).mean()
+        actor_loss = actor_loss + args.actor_entropy_coef * F.relu(args.actor_entropy_threshold - entropy)
+    else:
+        actor_loss = -args.actor_entropy_coef * entropy
+    critic_loss = (weights * 0.5 * (values[:, :-1] - returns).square()).mean()
+    return dict(actor=actor_loss, critic=critic_loss, policy_entropy=entropy.detach())
+
+
+def optimize(loss, optimizers, clip):
+    """One backward, then per optimiser: clip its global gradient norm and step (official: AdamOptim)."""
+    for optimizer in optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for optimizer in optimizers:
+        nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
+        optimizer.step()
+
+
+# ------------------------------------------------------------------------------------------------
+# Imagination: H steps from random windows of the world-model batch, the memory as an exact cache.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def imagine(dyn, actor, z_seq, actions, rewards, dones, args):
+    """Start from N windows (z_{k-1}, a_{k-1}, r_{k-1}, z_k) of the batch (one real step of context) and roll out
+    H steps feeding back r̂. When the cumulative γ̂ since a (re)start drops below the threshold, the trajectory
+    ends (d_t = 1) and restarts from a random real latent; loss weights are the cumulative γ̂ products.
+    official: restarts encode a random buffer frame; we draw a latent of the (balanced) batch, already encoded."""
+    B, T, _ = z_seq.shape
+    pick = torch.randperm(B * (T - 1), device=z_seq.device)[:args.ac_batch_size]  # uniform, no replacement
+    b, k = pick // (T - 1), pick % (T - 1) + 1
+    fresh_z = z_seq.flatten(0, 1)[torch.randint(B * T, (len(pick),), device=z_seq.device)]
+    memory = dyn.start(z_seq[b, k - 1], actions[b, k - 1])
+    z, reward, N = z_seq[b, k], rewards[b, k - 1], len(pick)
+    reward_eid = torch.zeros(N, dtype=torch.long, device=z.device)
+    eid = reward_eid + dones[b, k - 1].long()  # z_k starts a new episode if the context step ended one
+    cumulative, weight = torch.ones(N, device=z.device), torch.ones(N, device=z.device)
+    trajectory = dict(z=[z], actions=[], rewards=[], discounts=[], ends=[], weights=[])
+    for _ in range(args.ac_horizon):
+        action = Categorical(logits=actor(z)).sample()
+        h, memory = dyn.step(reward, z, action, reward_eid, eid, memory)
+        log_p, reward, discount_logit = dyn.predict(h)
+        discount = torch.sigmoid(discount_logit)
+        cumulative = cumulative * discount
+        end = cumulative < args.discount_threshold
+        z = torch.where(end[:, None], fresh_z, sample_z(log_p))
+        for key, value in zip(trajectory, (z, action, reward, discount, end, weight)):
+            trajectory[key].append(value)
+        cumulative = torch.where(end, 1.0, cumulative)
+        weight = cumulative
+        reward_eid, eid = eid, eid + end.long()
+    return tuple(torch.stack(values, 1) for values in trajectory.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Acting and evaluation.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def act(obs_model, actor, stacks, device):
+    """Acting needs only the encoder and the actor: z = mode of q(z|o), a ~ π(a|z) (sampled, also in evaluation)."""
+    z = mode_z(obs_model.encode(torch.as_tensor(stacks, device=device)))
+    return Categorical(logits=actor(z)).sample().cpu().numpy()
+
+
+def evaluate(args, policy, episodes, seed, lockstep=16):
+    """Whole games without no-ops, raw score. Up to `lockstep` envs play together and all finish before new
+    ones start, so short games are not favoured (official)."""
+    returns = []
+    while len(returns) < episodes:
+        envs = [make_env(args, train=False) for _ in range(min(lockstep, episodes - len(returns)))]
+        frames = np.stack([env.reset(seed=seed + len(returns) + i)[0] for i, env in enumerate(envs)])
+        stacks = np.concatenate([frames] * args.frame_stack, 1)  # (n, stack * c, H, W)
+        scores, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
+        while not done.all():
+            actions = policy(stacks)
+            for i in np.flatnonzero(~done):
+                frame, reward, terminated, truncated, _ = envs[i].step(actions[i])
+                scores[i] += reward
+                done[i] = terminated or truncated
+                stacks[i] = np.concatenate([stacks[i, len(frame):], frame])
+        returns += scores.tolist()
+        for env in envs:
+            env.close()
+    return np.array(returns)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: the pretraining phase on the random prefill, then one update = 1 world-model + 1 actor-critic step.
+# ------------------------------------------------------------------------------------------------
+
+def pretrain(models, optimizers, replay, args, device):
+    """official: observation model alone, then dynamics with the encoder frozen, then the critic on real latent
+    sequences while the actor only maximises entropy. Batches are uniform and leave the visit counts alone."""
+    obs_model, dyn, actor, critic = models
+    obs_opt, dyn_opt, actor_opt, critic_opt = optimizers
+    L, H = args.wm_sequence_length, args.ac_horizon
+    for _ in range(args.pretrain_obs_updates):
+        index = replay.rng.choice(replay.size + 1, args.pretrain_obs_batch, replace=False)
+        stacks = torch.as_tensor(replay.stacks(index), device=device)  # (N, stack * c, H, W)
+        log_q = obs_model.encode(stacks)
+        optimize(sum(observation_losses(obs_model, log_q, sample_z(log_q), stacks, args)), [obs_opt], args.wm_grad_clip)
+    for _ in range(args.pretrain_dyn_updates):
+        batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L, balanced=False), L, device)
+        losses, _, _ = world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
+        optimize(sum(losses.values()), [dyn_opt], args.wm_grad_clip)
+    for _ in range(args.pretrain_ac_updates):
+        starts = replay.sample_starts(args.ac_batch_size, H, balanced=False)
+        obs, actions, rewards, terminated, truncated = replay.sequences(starts, H, device)
+        with torch.no_grad():
+            z = sample_z(obs_model.encode(obs[:, 1:]))  # (N, H+1, 1024) real latents
+        rewards = rewards[:, 1:]
+        rollout = (z, actions[:, 1:], rewards, torch.full_like(rewards, args.gamma), (terminated | truncated)[:, 1:],
+                   torch.ones_like(rewards))
+        losses = actor_critic_losses(actor, critic, rollout, args, policy_gradient=False)
+        optimize(losses["actor"] + losses["critic"], [actor_opt, critic_opt], args.ac_grad_clip)
+
+
+def train_step(models, optimizers, replay, args, device, autocast):
+    """One world-model step on a balanced batch, then imagination from that batch and one actor and critic step."""
+    obs_model, dyn, actor, critic = models
+    L = args.wm_sequence_length
+    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L), L, device)
+    with autocast:
+        wm_losses, z_seq, dones = world_model_losses(obs_model, dyn, batch, args)
+    optimize(sum(wm_losses.values()), optimizers[:2], args.wm_grad_clip)
+    dyn.eval()  # imagination without dropout
+    with autocast:
+        rollout = imagine(dyn, actor, z_seq, batch[1], batch[2], dones, args)
+    dyn.train()
+    with autocast:
+        ac_losses = actor_critic_losses(actor, critic, rollout, args)
+    optimize(ac_losses["actor"] + ac_losses["critic"], optimizers[2:], args.ac_grad_clip)
+    return {**wm_losses, **ac_losses}
+
+
+def log_metrics(writer, metrics, step):
+    """Write the losses of one update (the only place they leave the device)."""
+    metrics = {name: float(value) for name, value in metrics.items()}
+    metrics["observation_model"] = metrics["decoder"] + metrics["entropy_hinge"] + metrics["consistency"]
+    metrics["dynamics_model"] = metrics["next_z"] + metrics["reward"] + metrics["discount"]
+    writer.add_scalar("charts/policy_entropy", metrics.pop("policy_entropy"), step)
+    for name, value in metrics.items():
+        writer.add_scalar(f"losses/{name}", value, step)
+
+
+def log_evaluation(writer, args, returns, step):
+    mean, std = float(returns.mean()), float(returns.std())
+    writer.add_scalar("eval/return_mean", mean, step)
+    writer.add_scalar("eval/return_std", std, step)
+    hns = human_normalized_score(args.env_id, mean)
+    if hns is not None:
+        writer.add_scalar("eval/human_normalized_score", hns, step)
+    return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__twm__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+
+    # TRY NOT TO MODIFY: seeding and device
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # CUDA only; CPU is fp32
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    env = make_env(args, train=True)
+    num_actions = int(env.action_space.n)
+    protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
+                    action_set="minimal" if is_atari(args.env_id) else "env", num_actions=num_actions,
+                    noop_max_train=args.noop_max, noop_max_eval=0, life_loss_terminal_train=args.life_loss_terminal,
+                    fire_after_life_loss=args.fire_after_life_loss, max_episode_steps=args.max_episode_steps,
+                    observation=f"{args.frame_stack} x {env.observation_space.shape} uint8", reward="tanh(r) stored",
+                    eval_policy="z = mode of q(z|o), actions sampled at temperature 1")
+    print(f"protocol: {json.dumps(protocol)}")
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    writer.add_text("protocol", json.dumps(protocol))
+
+    # ALGO LOGIC: models and optimisers (official: torch Adam with L2-coupled weight decay)
+    in_channels = args.frame_stack * env.observation_space.shape[0]
+    z_dim = args.z_categoricals * args.z_classes
+    obs_model = ObservationModel(args, in_channels).to(device)
+    dyn = DynamicsModel(args, num_actions).to(device)
+    actor = mlp(z_dim, args.ac_hidden_dim, num_actions, args.ac_layers).to(device)
+    critic = mlp(z_dim, args.ac_hidden_dim, 1, args.ac_layers).to(device)
+    models = (obs_model, dyn, actor, critic)
+    adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr, eps=args.adam_eps,  # noqa: E731
+                                               weight_decay=args.weight_decay)
+    optimizers = (adam(obs_model, args.wm_lr), adam(dyn, args.wm_lr), adam(actor, args.actor_lr),
+                  adam(critic, args.critic_lr))
+    if args.compile:
+        obs_model.encoder, dyn.transformer = torch.compile(obs_model.encoder), torch.compile(dyn.transformer)
+    replay = Replay(args.total_timesteps, env.observation_space.shape, args.frame_stack, args.buffer_temperature,
+                    args.seed)
+
+    obs, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    replay.add_frame(obs, first=True)
+    start_time, updates, update_credit = time.time(), 0, 0.0
+    policy = lambda stacks: act(obs_model, actor, stacks, device)  # noqa: E731
+    progress = tqdm(range(1, args.total_timesteps + 1), desc="twm", dynamic_ncols=True)
+    for global_step in progress:
+        # ALGO LOGIC: act with the encoder and actor only (random during the prefill)
+        if global_step <= args.prefill:
+            action = env.action_space.sample()
+        else:
+            action = policy(replay.stacks(np.array([replay.size])))[0]
+        obs, reward, terminated, truncated, info = env.step(action)
+        replay.add_step(action, reward, terminated, truncated)
+        if "episode" in info:  # whole games, raw score
+            writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+            writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+        if terminated or truncated:
+            obs, _ = env.reset()
+        replay.add_frame(obs, first=terminated or truncated)
+
+        # ALGO LOGIC: pretraining once after the prefill, then ~1.316 updates per agent step
+        if global_step == args.prefill:
+            pretrain(models, optimizers, replay, args, device)
+        elif global_step > args.prefill:
+            update_credit += args.updates_per_step
+            while update_credit >= 1:
+                update_credit -= 1
+                metrics = train_step(models, optimizers, replay, args, device, autocast)
+                updates += 1
+                if updates % args.log_every == 0:
+                    log_metrics(writer, metrics, global_step)
+        if global_step % 100 == 0:
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/SPS", sps, global_step)
+            progress.set_postfix(SPS=sps, updates=updates)
+        if global_step % args.eval_every == 0 and global_step < args.total_timesteps:
+            returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 10_000 + global_step)
+            progress.write(f"global_step={global_step}, eval_return={returns.mean():.2f}")
+            log_evaluation(writer, args, returns, global_step)
+
+    returns = evaluate(args, policy, args.final_eval_episodes, seed=args.seed + 1_000_000)
+    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=args.total_timesteps,
+                   eval_episodes=args.final_eval_episodes, **log_evaluation(writer, args, returns, args.total_timesteps),
+                   wall_seconds=round(time.time() - start_time, 1))
+    if summary["human_normalized_score"] is None:
+        del summary["human_normalized_score"]
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    env.close()
+    writer.close()
