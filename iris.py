@@ -1,0 +1,952 @@
+"""IRIS: "Transformers are Sample-Efficient World Models" in one file.
+
+Micheli, Alonso, Fleuret, ICLR 2023 (arXiv 2209.00588). Official code: github.com/eloialonso/iris.
+A VQ autoencoder turns each 64x64 RGB frame into 16 tokens of a 512-word vocabulary; a GPT over
+(16 frame tokens + 1 action token) per step predicts the next frame's tokens, the reward sign and the
+episode end; a CNN-LSTM actor-critic learns only in imagination, on decoded frames. Every default is the
+official code's; `# official:` comments mark where we differ.
+
+    python iris.py --env-id PongNoFrameskip-v4                    # the paper's Atari 100k run (GPU: ~3.5 A100-days)
+    python iris.py --preset tiny --env-id tests.catch:Catch-v0    # learns the Catch test game on a laptop CPU
+    python iris.py --help                                         # every hyperparameter, with the paper's value
+"""
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import ale_py
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.distributions import Categorical
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+gym.register_envs(ale_py)
+FRAME_SIZE = 64  # every frame is resized to 64x64 (the tokenizer shapes assume it)
+TOKENS_PER_FRAME = 16  # K: a 64x64 frame downsampled 4 times -> 4x4 latent grid, row-major
+
+
+@dataclass
+class Args:
+    """IRIS (Micheli et al., ICLR 2023). Defaults are the official code's; `--preset tiny` shrinks it for a CPU."""
+
+    # --- experiment ---
+    env_id: str = "PongNoFrameskip-v4"
+    """any gymnasium id; ALE games get the Atari protocol, `module:Env-v0` imports `module` first"""
+    seed: int = 1
+    """seed of python, numpy, torch and the env"""
+    total_timesteps: int = 100_000
+    """agent steps in the real env (each is 4 frames on Atari); training epochs go on after collection ends"""
+    preset: Literal["paper", "tiny"] = "paper"
+    """`paper`: the official configuration; `tiny`: same algorithm, small widths and budgets (see TINY)"""
+    device: str = "auto"
+    """`auto` picks cuda when available, else cpu; or any torch device string"""
+    run_name: Optional[str] = None
+    """folder under runs/; default `<env>__iris__<seed>__<time>`"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic and no cudnn autotuning"""
+    eval_every: int = 1000
+    """evaluate after the epoch in which the agent step count crosses a multiple of this (official: 5 epochs)"""
+    eval_episodes: int = 16
+    """episodes per intermediate evaluation"""
+    final_eval_episodes: int = 100
+    """episodes of the final evaluation (the reported score)"""
+    log_every: int = 100
+    """write losses to TensorBoard every this many gradient steps of a component (each write syncs the device)"""
+    compile: bool = False
+    """torch.compile the networks (CUDA speed-up; off by default)"""
+    amp: bool = False
+    """bf16 autocast for the forwards (CUDA only; off by default)"""
+
+    # --- env protocol ---
+    noop_max: int = 30
+    """up to this many no-ops after each real reset in training"""
+    eval_noop_max: int = 1
+    """no-ops after each reset in evaluation (official: exactly 1)"""
+    life_loss_terminal: bool = True
+    """losing a life ends a training episode; the game goes on after one NOOP step (soft reset)"""
+    max_episode_frames: int = 20_000
+    """a training game is truncated after this many frames (5,000 agent steps)"""
+    eval_max_episode_frames: int = 108_000
+    """an evaluation game is truncated after this many frames (27,000 agent steps)"""
+
+    # --- discrete autoencoder ("tokenizer") ---
+    tok_ch: int = 64
+    """base channel width of the VQ encoder/decoder"""
+    tok_ch_mult: tuple[int, ...] = (1, 1, 1, 1, 1)
+    """channel multiplier per resolution level; 5 levels = 4 downsamplings: 64x64 -> 4x4 = 16 tokens"""
+    tok_num_res_blocks: int = 2
+    """residual blocks per encoder level (the decoder uses one more)"""
+    tok_attn_resolutions: tuple[int, ...] = (8, 16)
+    """feature-map resolutions that get a self-attention block after each residual block"""
+    tok_z_channels: int = 512
+    """channels of the encoder output / decoder input"""
+    tok_vocab_size: int = 512
+    """codebook size N (number of distinct tokens)"""
+    tok_embed_dim: int = 512
+    """codebook vector dimension"""
+    tok_beta: float = 1.0
+    """commitment loss weight (official hard-codes 1.0, not VQ-VAE's 0.25)"""
+    tok_lr: float = 1e-4
+    """tokenizer Adam learning rate"""
+    tok_batch_size: int = 256
+    """tokenizer batch (single frames)"""
+    tok_grad_clip: float = 10.0
+    """tokenizer gradient-norm clip"""
+    # --- Transformer world model ---
+    wm_num_layers: int = 10
+    """GPT blocks"""
+    wm_num_heads: int = 4
+    """attention heads"""
+    wm_embed_dim: int = 256
+    """GPT width"""
+    wm_dropout: float = 0.1
+    """embedding, attention and residual dropout"""
+    wm_sequence_length: int = 20
+    """timesteps per world-model segment L; context = 17 L tokens (16 frame tokens + 1 action)"""
+    wm_lr: float = 1e-4
+    """world-model AdamW learning rate"""
+    wm_weight_decay: float = 0.01
+    """AdamW weight decay, applied to Linear weights only"""
+    wm_batch_size: int = 64
+    """world-model batch (segments of wm_sequence_length steps)"""
+    wm_grad_clip: float = 10.0
+    """world-model gradient-norm clip"""
+    # --- actor-critic (trained in imagination) ---
+    ac_lstm_dim: int = 512
+    """LSTMCell hidden size"""
+    burn_in: int = 20
+    """real (reconstructed) frames that warm up the LSTM before imagination starts"""
+    imagine_horizon: int = 20
+    """imagined steps H per trajectory (must be <= wm_sequence_length so it fits in context)"""
+    gamma: float = 0.995
+    """discount"""
+    lam: float = 0.95
+    """lambda of the lambda-returns"""
+    entropy_coef: float = 0.001
+    """entropy bonus weight"""
+    ac_lr: float = 1e-4
+    """actor-critic Adam learning rate"""
+    ac_batch_size: int = 64
+    """imagined trajectories per update"""
+    ac_grad_clip: float = 10.0
+    """actor-critic gradient-norm clip"""
+    # --- schedule ---
+    epochs: int = 600
+    """training epochs"""
+    collect_steps_per_epoch: int = 200
+    """real env steps collected per epoch (until total_timesteps is reached)"""
+    tok_start_after: int = 5
+    """tokenizer trains only in epochs > this"""
+    wm_start_after: int = 25
+    """world model trains only in epochs > this"""
+    ac_start_after: int = 50
+    """actor-critic trains only in epochs > this"""
+    tok_steps_per_epoch: int = 200
+    """tokenizer gradient steps per epoch"""
+    wm_steps_per_epoch: int = 200
+    """world-model gradient steps per epoch"""
+    ac_steps_per_epoch: int = 200
+    """actor-critic gradient steps per epoch"""
+    collect_epsilon: float = 0.01
+    """probability of a uniformly random action while collecting"""
+    collect_temperature: float = 1.0
+    """policy softmax temperature while collecting"""
+    eval_temperature: float = 0.5
+    """policy softmax temperature at evaluation (still sampled, not argmax)"""
+
+
+# The tiny preset keeps every mechanism (K = 16 tokens per frame included) and shrinks widths, batches,
+# steps per epoch and the segment length (8 steps cover a 7-step Catch episode); its small networks take
+# larger learning rates.
+TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_episodes=50, log_every=20,
+            tok_ch=16, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
+            tok_embed_dim=32, tok_lr=1e-3, tok_batch_size=32,
+            wm_num_layers=2, wm_num_heads=4, wm_embed_dim=64, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
+            ac_lstm_dim=128, burn_in=2, imagine_horizon=8, ac_lr=1e-3, ac_batch_size=32,
+            epochs=35, collect_steps_per_epoch=100, tok_start_after=1, wm_start_after=2, ac_start_after=6,
+            tok_steps_per_epoch=25, wm_steps_per_epoch=50, ac_steps_per_epoch=25)
+PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
+
+
+def fail(message):
+    """Stop with one line that names the problem and the fix, never a traceback."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'iris.py'}: error: {message}")
+
+
+def parse_args(argv=None):
+    """tyro CLI on top of a preset: `--preset tiny` picks the defaults, any other flag overrides them."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    preset = "paper"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--preset="):
+            preset = arg.split("=", 1)[1]
+        elif arg == "--preset" and i + 1 < len(argv):
+            preset = argv[i + 1]
+    args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
+    if args.total_timesteps <= 0 or args.collect_steps_per_epoch <= 0:
+        fail("--total-timesteps and --collect-steps-per-epoch must be positive")
+    if min(args.tok_batch_size, args.wm_batch_size, args.ac_batch_size, args.eval_every, args.final_eval_episodes) <= 0:
+        fail("batch sizes, --eval-every and --final-eval-episodes must be positive")
+    if args.imagine_horizon > args.wm_sequence_length:
+        fail(f"--imagine-horizon {args.imagine_horizon} must be at most --wm-sequence-length "
+             f"{args.wm_sequence_length}: the whole imagined trajectory must fit in the GPT's context")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment: IRIS's Atari 100k protocol, built from gymnasium's wrappers plus the one it lacks.
+# ------------------------------------------------------------------------------------------------
+
+class LifeLossSoftReset(gym.Wrapper):
+    """A life loss ends the training episode, but the game goes on: the next reset() is one NOOP step."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.game_over = True
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        lives = self.env.unwrapped.ale.lives()
+        self.game_over = terminated or truncated
+        life_lost = 0 < lives < self.lives
+        self.lives = lives
+        return obs, reward, terminated or life_lost, truncated, info
+
+    def reset(self, **kwargs):
+        if self.game_over:
+            obs, info = self.env.reset(**kwargs)
+        else:  # the NOOP's reward is dropped (official); its frame starts the new episode
+            obs, _, terminated, truncated, info = self.env.step(0)
+            if terminated or truncated:
+                obs, info = self.env.reset(**kwargs)
+        self.game_over = False
+        self.lives = self.env.unwrapped.ale.lives()
+        return obs, info
+
+
+def is_atari(env_id):
+    try:
+        return str(gym.spec(env_id).entry_point).startswith("ale_py")
+    except gym.error.Error:
+        return False
+
+
+def make_env(args, train):
+    """One env yielding single uint8 RGB frames (3, 64, 64); episode statistics count whole games, raw score."""
+    try:
+        if is_atari(args.env_id):  # the protocol is set explicitly, whatever the id's defaults
+            max_frames = args.max_episode_frames if train else args.eval_max_episode_frames
+            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
+                           max_num_frames_per_episode=max_frames)
+        else:
+            env = gym.make(args.env_id)
+    except (gym.error.Error, ModuleNotFoundError, ImportError) as error:
+        fail(f"unknown env id '{args.env_id}' ({type(error).__name__}: {error}); use a registered gymnasium id "
+             f"such as PongNoFrameskip-v4, or `module:Env-v0` for an env registered by `module`")
+    if not isinstance(env.action_space, gym.spaces.Discrete):
+        fail(f"env '{args.env_id}' has {type(env.action_space).__name__} actions; IRIS needs Discrete actions")
+    space = env.observation_space
+    if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and
+            (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))):
+        fail(f"env '{args.env_id}' observations are {space}; IRIS needs uint8 images (HxW or HxWx3)")
+    size = (FRAME_SIZE, FRAME_SIZE)
+    if is_atari(args.env_id):
+        # 1. frame skip 4 with max-pool over the last 2 frames, resize (official: resize each frame with PIL
+        # bilinear, then max-pool; here max-pool, then cv2 INTER_AREA), RGB, no-ops: up to 30 / exactly 1
+        env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max if train else args.eval_noop_max,
+                                              frame_skip=4, screen_size=size, grayscale_obs=False)
+        env = gym.wrappers.RecordEpisodeStatistics(env)  # 2. whole games, raw rewards; no FIRE wrapper (official)
+        if train and args.life_loss_terminal:
+            env = LifeLossSoftReset(env)  # 3. evaluation plays whole games
+    else:
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        env = gym.wrappers.ResizeObservation(env, size)
+        if len(space.shape) == 2:
+            env = gym.wrappers.TransformObservation(env, lambda o: np.repeat(o[..., None], 3, -1),
+                                                    gym.spaces.Box(0, 255, (*size, 3), np.uint8))
+    # 4. channels first: (H, W, 3) -> (3, H, W)
+    new_space = gym.spaces.Box(0, 255, (3, *size), np.uint8)
+    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o, -1, 0), new_space)
+
+
+# Random and human scores of the 26 Atari 100k games (SPR's table, as in both official repos).
+ATARI_100K_SCORES = {
+    "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
+    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
+    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
+    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
+    "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
+    "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
+    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
+}
+
+
+def human_normalized_score(env_id, score):
+    """(score - random) / (human - random) for the 26 games, else None."""
+    game = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
+    if game not in ATARI_100K_SCORES:
+        return None
+    random_score, human_score = ATARI_100K_SCORES[game]
+    return (score - random_score) / (human_score - random_score)
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay: every frame stored once as uint8; episodes are sampled uniformly, then a window inside one.
+# ------------------------------------------------------------------------------------------------
+
+class Replay:
+    """obs[i] is the frame before action[i]; reward/end[i] are what action[i] led to. In training an episode
+    is one life (official), and the frame after an end is the first frame of the next episode."""
+
+    def __init__(self, capacity, frame_shape, seed):
+        self.frames = np.zeros((capacity + 1, *frame_shape), np.uint8)
+        self.episode_start = np.zeros(capacity + 1, np.int64)  # index of the first frame of each frame's episode
+        self.actions = np.zeros(capacity, np.int64)
+        self.rewards = np.zeros(capacity, np.float32)  # raw rewards (official); their sign is predicted
+        self.ends = np.zeros(capacity, bool)  # terminated or truncated (official: not told apart)
+        self.size, self.rng = 0, np.random.default_rng(seed)
+
+    def add_frame(self, frame, first):
+        i = self.size
+        self.frames[i] = frame
+        self.episode_start[i] = i if first else self.episode_start[i - 1]
+
+    def add_step(self, action, reward, terminated, truncated):
+        i = self.size
+        self.actions[i], self.rewards[i], self.ends[i] = action, reward, terminated or truncated
+        self.size += 1
+
+    def segments(self, batch, length, from_start, device):
+        """Episodes drawn uniformly (official: not timesteps), then `length` steps inside one: from a uniform
+        start, right-padded (world model, tokenizer), or up to a uniform end, left-padded (actor-critic).
+        Padded steps read some real step and get mask False (official: zero frames; both are ignored)."""
+        starts = np.flatnonzero(self.episode_start[:self.size] == np.arange(self.size))
+        stops = np.append(starts[1:], self.size)  # episode e has steps starts[e] .. stops[e]-1 (ongoing one too)
+        episode = self.rng.integers(len(starts), size=batch)
+        start, stop = starts[episode, None], stops[episode, None]
+        if from_start:
+            first = start + self.rng.integers(0, stop - start)
+        else:
+            first = start + self.rng.integers(1, stop - start + 1) - length
+        index = first + np.arange(length)  # (batch, length)
+        mask = (index >= start) & (index < stop)
+        index = index.clip(0, self.size - 1)
+        to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
+        return (to(self.frames[index]), to(self.actions[index]), to(self.rewards[index]), to(self.ends[index]),
+                to(mask))
+
+    def recent(self, length):
+        """The `length` frames before the current one in its episode (collector burn-in), left-padded."""
+        index = self.size - length + np.arange(length)
+        return self.frames[index.clip(0)], index >= self.episode_start[self.size]
+
+
+# ------------------------------------------------------------------------------------------------
+# Discrete autoencoder: VQGAN-style encoder/decoder (taming-transformers, time embedding removed)
+# ------------------------------------------------------------------------------------------------
+def Normalize(c: int) -> nn.GroupNorm:
+    # official: 32 groups; gcd keeps narrow (tiny) widths divisible
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.net = nn.Sequential(Normalize(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                 Normalize(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()  # "nin" shortcut
+
+    def forward(self, x):
+        return self.skip(x) + self.net(x)
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of a feature map."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.qkv = nn.Conv2d(c, 3 * c, 1)  # equivalent to three 1x1 convs q, k, v
+        self.proj_out = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C)
+        y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
+        return x + self.proj_out(y.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
+
+
+class Downsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right/bottom only, as in taming
+
+
+class Upsample(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def _level(cin: int, cout: int, n_blocks: int, attn: bool) -> list[nn.Module]:
+    layers = []
+    for i in range(n_blocks):
+        layers += [ResnetBlock(cin if i == 0 else cout, cout)] + ([AttnBlock(cout)] if attn else [])
+    return layers
+
+
+class Encoder(nn.Sequential):
+    """(B, 3, 64, 64) in [-1, 1] -> (B, z_channels, 4, 4)."""
+
+    def __init__(self, a: Args):
+        chs = [a.tok_ch * m for m in (1,) + tuple(a.tok_ch_mult)]
+        layers, res = [nn.Conv2d(3, chs[0], 3, padding=1)], 64
+        for i in range(len(a.tok_ch_mult)):
+            layers += _level(chs[i], chs[i + 1], a.tok_num_res_blocks, res in a.tok_attn_resolutions)
+            if i < len(a.tok_ch_mult) - 1:
+                layers.append(Downsample(chs[i + 1]))
+                res //= 2
+        c = chs[-1]
+        layers += [ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)]  # mid
+        layers += [Normalize(c), nn.SiLU(), nn.Conv2d(c, a.tok_z_channels, 3, padding=1)]
+        super().__init__(*layers)
+
+
+class Decoder(nn.Sequential):
+    """(B, z_channels, 4, 4) -> (B, 3, 64, 64) in [-1, 1] space (unbounded)."""
+
+    def __init__(self, a: Args):
+        chs = [a.tok_ch * m for m in a.tok_ch_mult][::-1]  # coarsest level first
+        c, res = chs[0], 64 // 2 ** (len(chs) - 1)
+        layers = [nn.Conv2d(a.tok_z_channels, c, 3, padding=1), ResnetBlock(c, c), AttnBlock(c), ResnetBlock(c, c)]
+        for i, cout in enumerate(chs):
+            layers += _level(c, cout, a.tok_num_res_blocks + 1, res in a.tok_attn_resolutions)
+            c = cout
+            if i < len(chs) - 1:
+                layers.append(Upsample(c))
+                res *= 2
+        layers += [Normalize(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
+        super().__init__(*layers)
+
+
+def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Forward value z_q, backward identity to z (the decoder's gradient is copied to the encoder)."""
+    return z + (z_q - z).detach()
+
+
+class Tokenizer(nn.Module):
+    """VQ autoencoder: uint8 frame (3, 64, 64) <-> 16 tokens in [0, vocab)."""
+
+    def __init__(self, a: Args):
+        super().__init__()
+        self.encoder, self.decoder = Encoder(a), Decoder(a)
+        self.pre_quant_conv = nn.Conv2d(a.tok_z_channels, a.tok_embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(a.tok_embed_dim, a.tok_z_channels, 1)
+        self.codebook = nn.Embedding(a.tok_vocab_size, a.tok_embed_dim)
+        nn.init.uniform_(self.codebook.weight, -1.0 / a.tok_vocab_size, 1.0 / a.tok_vocab_size)
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z (B, E, 4, 4) -> nearest codes: tokens (B, 16), z_q (B, E, 4, 4)."""
+        B, E, H, W = z.shape
+        flat = z.permute(0, 2, 3, 1).reshape(-1, E)  # (B*16, E), row-major over the 4x4 grid
+        e = self.codebook.weight  # (N, E)
+        dist = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * flat @ e.t()  # ||z||^2 + ||e||^2 - 2 z.e
+        tokens = dist.argmin(1).view(B, H * W)
+        return tokens, self.codebook(tokens).view(B, H, W, E).permute(0, 3, 1, 2)
+
+    def encode(self, frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """frames uint8 (..., 3, 64, 64) -> tokens (..., 16), z and z_q (prod(...), E, 4, 4)."""
+        lead = frames.shape[:-3]
+        x = frames.reshape(-1, *frames.shape[-3:]).float() / 255 * 2 - 1  # [0, 255] -> [-1, 1]
+        z = self.pre_quant_conv(self.encoder(x))
+        tokens, z_q = self.quantize(z)
+        return tokens.view(*lead, TOKENS_PER_FRAME), z, z_q
+
+    def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
+        """(B, E, 4, 4) -> (B, 3, 64, 64) in [-1, 1] space (unclamped, for the loss)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (..., 16) -> frames float (..., 3, 64, 64) in [0, 1]."""
+        z_q = self.codebook(tokens.reshape(-1, 4, 4)).permute(0, 3, 1, 2)  # (B, E, 4, 4)
+        return ((self.decode_latent(z_q) + 1) / 2).clamp(0, 1).view(*tokens.shape[:-1], 3, 64, 64)
+
+    def encode_decode(self, frames: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, 64, 64) -> reconstruction float (..., 3, 64, 64) in [0, 1] (what the policy sees)."""
+        return self.decode(self.encode(frames)[0])
+
+
+def tokenizer_loss(tokenizer: Tokenizer, frames: torch.Tensor, beta: float):
+    """VQ loss + reconstruction loss on uint8 frames (B, 3, 64, 64). Returns (total, components)."""
+    _, z, z_q = tokenizer.encode(frames)
+    codebook = (z.detach() - z_q).pow(2).mean()  # moves the codes towards the encoder outputs
+    commitment = (z - z_q.detach()).pow(2).mean()  # keeps the encoder close to its codes
+    x = frames.float() / 255 * 2 - 1
+    err = tokenizer.decode_latent(straight_through(z, z_q)) - x  # (B, 3, 64, 64) in [-1, 1] space
+    # official: L1 + LPIPS (VGG16 weights downloaded at run time). We use Delta-IRIS's LPIPS-free recipe
+    # from the same authors: 0.1 L1 + L2 + 0.01 * worst-pixel squared error (keeps small sprites alive).
+    recon = 0.1 * err.abs().mean() + err.pow(2).mean() + 0.01 * err.pow(2).flatten(1).max(1).values.mean()
+    total = codebook + beta * commitment + recon
+    return total, {"codebook": codebook, "commitment": commitment, "reconstruction": recon}
+
+
+# ------------------------------------------------------------------------------------------------
+# World model: a minGPT over [z_1^1..z_1^16, a_1, z_2^1, ..., a_L] (17 tokens per timestep)
+# ------------------------------------------------------------------------------------------------
+class KVCache:
+    """Preallocated keys/values of every layer, (B, nh, max_tokens, hs), for token-by-token decoding."""
+
+    def __init__(self, num_layers: int, B: int, nh: int, max_tokens: int, hs: int, device, dtype):
+        self.k = torch.zeros(num_layers, B, nh, max_tokens, hs, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        self.length = 0  # tokens already stored; also the position of the next token
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[2]
+        assert end <= self.k.shape[3], "context overflow: imagine_horizon must be <= wm_sequence_length"
+        self.k[layer, :, :, self.length:end], self.v[layer, :, :, self.length:end] = k, v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, S, hs), S = past + new
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, d: int, nh: int, dropout: float):
+        super().__init__()
+        self.nh, self.dropout = nh, dropout
+        self.query, self.key, self.value, self.proj = (nn.Linear(d, d) for _ in range(4))
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = (f(x).view(B, T, self.nh, C // self.nh).transpose(1, 2) for f in (self.query, self.key, self.value))
+        if cache is not None:  # (B, nh, T, hs) -> keys/values of all S past + new tokens
+            k, v = cache.append(layer, k, v)
+        S = k.shape[2]
+        # causal mask, aligned bottom-right: new token i (absolute S - T + i) sees keys 0..S - T + i
+        mask = None if T == 1 else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, nh: int, dropout: float):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), SelfAttention(d, nh, dropout), nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
+
+    def forward(self, x, cache: Optional[KVCache], layer: int):
+        x = x + self.attn(self.ln1(x), cache, layer)  # pre-LN
+        return x + self.mlp(self.ln2(x))
+
+
+def head(d: int, out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out))
+
+
+class WorldModel(nn.Module):
+    """GPT predicting next frame tokens, reward sign and termination.
+
+    In-block position j = 0..15 holds frame token j, position 16 the action. Heads read:
+    obs at j = 0..14 (predicts frame token j+1) and j = 16 (predicts token 0 of the next frame);
+    reward (3 classes: sign(r)+1) and end (2 classes) at j = 16 only. Position 15 predicts nothing.
+    """
+
+    def __init__(self, a: Args, num_actions: int):
+        super().__init__()
+        d, self.K = a.wm_embed_dim, TOKENS_PER_FRAME
+        self.tokens_per_block, self.max_tokens = self.K + 1, (self.K + 1) * a.wm_sequence_length
+        self.obs_emb, self.act_emb = nn.Embedding(a.tok_vocab_size, d), nn.Embedding(num_actions, d)
+        self.pos_emb = nn.Embedding(self.max_tokens, d)
+        self.drop = nn.Dropout(a.wm_dropout)
+        self.blocks = nn.ModuleList(Block(d, a.wm_num_heads, a.wm_dropout) for _ in range(a.wm_num_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.head_obs, self.head_reward, self.head_end = head(d, a.tok_vocab_size), head(d, 3), head(d, 2)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # official init_weights (world model only); LayerNorm keeps 1/0
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        if isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+    def new_cache(self, B: int) -> KVCache:
+        blk = self.blocks[0].attn
+        p = self.pos_emb.weight
+        return KVCache(len(self.blocks), B, blk.nh, self.max_tokens, p.shape[1] // blk.nh, p.device, p.dtype)
+
+    def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None):
+        """tokens (B, T) of interleaved frame/action ids, starting at position cache.length (or 0).
+
+        Returns logits at the head positions: obs (B, T_obs, N), reward (B, T_act, 3), end (B, T_act, 2).
+        """
+        B, T = tokens.shape
+        start = cache.length if cache is not None else 0
+        pos = torch.arange(start, start + T, device=tokens.device)
+        is_act = pos % self.tokens_per_block == self.K  # which table embeds each position
+        x = torch.empty(B, T, self.pos_emb.embedding_dim, device=tokens.device, dtype=self.pos_emb.weight.dtype)
+        x[:, ~is_act] = self.obs_emb(tokens[:, ~is_act])
+        x[:, is_act] = self.act_emb(tokens[:, is_act])
+        x = self.drop(x + self.pos_emb(pos))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache, i)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)  # (B, T, d)
+        has_obs_head = pos % self.tokens_per_block != self.K - 1
+        return self.head_obs(x[:, has_obs_head]), self.head_reward(x[:, is_act]), self.head_end(x[:, is_act])
+
+
+def world_model_labels(obs_tokens, rewards, ends, mask):
+    """Targets for a segment. obs_tokens (B, L, 16), rewards/ends/mask (B, L); mask False = padded step.
+
+    Returns obs labels (B, 16 L - 1) = flatten(tokens)[1:], reward labels sign(r)+1 and end labels (B, L),
+    all -100 (ignored by cross-entropy) on padded steps.
+    """
+    obs = obs_tokens.masked_fill(~mask[..., None], -100).flatten(1)[:, 1:]
+    reward = (torch.sign(rewards) + 1).long().masked_fill(~mask, -100)
+    end = ends.long().masked_fill(~mask, -100)
+    return obs, reward, end
+
+
+def world_model_loss(world_model: WorldModel, tokenizer: Tokenizer, frames, actions, rewards, ends, mask):
+    """frames uint8 (B, L, 3, 64, 64), actions (B, L), rewards/ends/mask (B, L). Returns (total, components)."""
+    with torch.no_grad():  # tokens from the *current* tokenizer, recomputed every batch (never cached)
+        obs_tokens = tokenizer.encode(frames)[0]  # (B, L, 16)
+    sequence = torch.cat([obs_tokens, actions[..., None]], dim=2).flatten(1)  # (B, 17 L)
+    obs_logits, reward_logits, end_logits = world_model(sequence)
+    labels = world_model_labels(obs_tokens, rewards, ends, mask)
+    obs_logits = obs_logits[:, :-1]  # the last action token would predict a frame beyond the segment
+    ce = [F.cross_entropy(lg.flatten(0, 1), lb.flatten(), ignore_index=-100)
+          for lg, lb in zip((obs_logits, reward_logits, end_logits), labels)]
+    return sum(ce), {"obs": ce[0], "reward": ce[1], "end": ce[2]}
+
+
+def adamw_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on Linear weights only; embeddings, biases and LayerNorms are not decayed."""
+    decay = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
+    decay_ids = {id(p) for p in decay}
+    rest = [p for p in module.parameters() if id(p) not in decay_ids]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+# ------------------------------------------------------------------------------------------------
+# Actor-critic: CNN + LSTM on reconstructed frames
+# ------------------------------------------------------------------------------------------------
+class ActorCritic(nn.Module):
+    def __init__(self, num_actions: int, lstm_dim: int):
+        super().__init__()
+        layers, cin = [], 3
+        for cout in (32, 32, 64, 64):  # 64 -> 32 -> 16 -> 8 -> 4
+            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
+            cin = cout
+        self.cnn = nn.Sequential(*layers, nn.Flatten())  # (B, 64*4*4 = 1024)
+        self.lstm = nn.LSTMCell(1024, lstm_dim)
+        self.actor, self.critic = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
+
+    def initial_state(self, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.zeros(B, self.lstm.hidden_size, device=device)
+        return h, torch.zeros_like(h)
+
+    def forward(self, frames: torch.Tensor, state):
+        """frames float (B, 3, 64, 64) in [0, 1] -> logits (B, A), value (B,), new (h, c)."""
+        h, c = self.lstm(self.cnn(frames * 2 - 1), state)
+        return self.actor(h), self.critic(h).squeeze(-1), (h, c)
+
+    def burn_in(self, frames: torch.Tensor, mask: torch.Tensor, state=None):
+        """Warm up (h, c) on frames (B, T, 3, 64, 64) in [0, 1]; rows update only where mask (B, T) is True."""
+        B, T = mask.shape
+        h, c = state if state is not None else self.initial_state(B, frames.device)
+        features = self.cnn(frames.flatten(0, 1) * 2 - 1).view(B, T, -1)  # CNN batched over time
+        for t in range(T):
+            h_new, c_new = self.lstm(features[:, t], (h, c))
+            m = mask[:, t, None]
+            h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+        return h, c
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses and returns
+# ------------------------------------------------------------------------------------------------
+def lambda_returns(rewards, values, ends, gamma: float, lam: float) -> torch.Tensor:
+    """(B, H) -> (B, H). Lambda_{H-1} = V_{H-1};
+    Lambda_t = r_t + gamma (1 - d_t) [(1 - lam) V_{t+1} + lam Lambda_{t+1}]."""
+    values, cont = values.detach(), 1 - ends.float()
+    returns = [values[:, -1]]
+    for t in reversed(range(values.shape[1] - 1)):
+        returns.append(rewards[:, t] + gamma * cont[:, t] * ((1 - lam) * values[:, t + 1] + lam * returns[-1]))
+    return torch.stack(returns[::-1], dim=1)
+
+
+def actor_critic_loss(imagined: dict, gamma: float, lam: float, entropy_coef: float):
+    """REINFORCE with baseline sg(V), entropy bonus and value MSE, over the first H-1 imagined steps."""
+    returns = lambda_returns(imagined["rewards"], imagined["values"], imagined["ends"], gamma, lam)[:, :-1]
+    values = imagined["values"][:, :-1]
+    policy = -(imagined["log_probs"][:, :-1] * (returns - values.detach())).mean()
+    entropy = -entropy_coef * imagined["entropies"][:, :-1].mean()
+    value = (values - returns).pow(2).mean()
+    return policy + entropy + value, {"actor": policy, "entropy": entropy, "critic": value}
+
+
+def update(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
+    """One gradient step with grad-norm clipping; returns the pre-clip norm (a tensor, no sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
+    optimizer.step()
+    return grad_norm
+
+
+# ------------------------------------------------------------------------------------------------
+# Imagination: roll the policy out inside the world model (batched, KV-cached)
+# ------------------------------------------------------------------------------------------------
+def sample(logits: torch.Tensor) -> torch.Tensor:
+    return Categorical(logits=logits).sample()  # temperature 1, never argmax
+
+
+@torch.no_grad()
+def world_model_step(world_model: WorldModel, tokenizer: Tokenizer, cache: KVCache, action, decode: bool = True):
+    """Feed a_t (B,), sample r_t in {-1, 0, 1}, d_t in {0, 1} and (if decode) the next frame in [0, 1]."""
+    obs_logits, reward_logits, end_logits = world_model(action[:, None], cache)  # 1 action-token pass
+    reward, end = sample(reward_logits[:, -1]).float() - 1, sample(end_logits[:, -1]).float()
+    if not decode:  # last imagined step: reward and end only
+        return reward, end, None
+    tokens = [sample(obs_logits[:, -1])]  # the action token predicts frame token 0
+    for k in range(world_model.K):  # 16 single-token passes; the last one only writes the cache
+        obs_logits, _, _ = world_model(tokens[-1][:, None], cache)
+        if k < world_model.K - 1:
+            tokens.append(sample(obs_logits[:, -1]))
+    return reward, end, tokenizer.decode(torch.stack(tokens, dim=1))  # one batched decode (B, 3, 64, 64)
+
+
+def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCritic, frames, mask, horizon: int):
+    """frames uint8 (B, burn_in + 1, 3, 64, 64), left-padded (mask (B, burn_in + 1) False on padding),
+    the last frame always real. Puts tokenizer and world model in eval mode (dropout off).
+    Returns dict of (B, H) tensors: log_probs, entropies, values (with grad through the AC), rewards, ends."""
+    tokenizer.eval()
+    world_model.eval()
+    B = frames.shape[0]
+    with torch.no_grad():
+        tokens = tokenizer.encode(frames)[0]  # (B, burn_in + 1, 16)
+        recon = tokenizer.decode(tokens)  # the policy only ever sees reconstructions
+        state = actor_critic.burn_in(recon[:, :-1], mask[:, :-1])
+        cache = world_model.new_cache(B)
+        world_model(tokens[:, -1], cache)  # the world model starts from the last real frame only (16 tokens)
+    frame, out = recon[:, -1], {k: [] for k in ("log_probs", "entropies", "values", "rewards", "ends")}
+    for t in range(horizon):
+        logits, value, state = actor_critic(frame, state)
+        dist = Categorical(logits=logits)
+        action = dist.sample()
+        reward, end, frame = world_model_step(world_model, tokenizer, cache, action, decode=t < horizon - 1)
+        for k, v in zip(out, (dist.log_prob(action), dist.entropy(), value, reward, end)):
+            out[k].append(v)
+    return {k: torch.stack(v, dim=1) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Acting and evaluation.
+# ------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def act(tokenizer, actor_critic, frames, state, temperature, epsilon, device):
+    """The policy sees reconstructions, in the real env too (official): a ~ softmax(logits / T), replaced by a
+    uniform action with probability epsilon. frames uint8 (n, 3, 64, 64); state None starts a new LSTM state."""
+    recon = tokenizer.encode_decode(torch.as_tensor(frames, device=device))
+    state = state if state is not None else actor_critic.initial_state(len(frames), device)
+    logits, _, state = actor_critic(recon, state)
+    actions = Categorical(logits=logits / temperature).sample()
+    explore = torch.rand(actions.shape, device=device) < epsilon
+    actions = torch.where(explore, torch.randint_like(actions, logits.shape[-1]), actions)
+    return actions.cpu().numpy(), state
+
+
+def evaluate(args, policy, episodes, seed, lockstep=16):
+    """Whole games after 1 no-op, raw score. Up to `lockstep` envs play together and all finish before new
+    ones start, so short games are not favoured (official: 8 envs in training, 25 for the final score)."""
+    returns = []
+    while len(returns) < episodes:
+        envs = [make_env(args, train=False) for _ in range(min(lockstep, episodes - len(returns)))]
+        frames = np.stack([env.reset(seed=seed + len(returns) + i)[0] for i, env in enumerate(envs)])
+        scores, done, state = np.zeros(len(envs)), np.zeros(len(envs), bool), None
+        while not done.all():
+            actions, state = policy(frames, state)
+            for i in np.flatnonzero(~done):
+                frames[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
+                scores[i] += reward
+                done[i] = terminated or truncated
+        returns += scores.tolist()
+        for env in envs:
+            env.close()
+    return np.array(returns)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training: each component has its own batches, optimiser and start epoch (official trainer).
+# ------------------------------------------------------------------------------------------------
+
+def train_tokenizer(tokenizer, optimizer, replay, args, device):
+    frames = replay.segments(args.tok_batch_size, 1, True, device)[0][:, 0]  # (B, 3, 64, 64) single frames
+    loss, parts = tokenizer_loss(tokenizer, frames, args.tok_beta)
+    update(tokenizer, optimizer, loss, args.tok_grad_clip)
+    return dict(observation_model=loss, **parts)
+
+
+def train_world_model(world_model, tokenizer, optimizer, replay, args, device):
+    batch = replay.segments(args.wm_batch_size, args.wm_sequence_length, True, device)
+    loss, parts = world_model_loss(world_model, tokenizer, *batch)
+    update(world_model, optimizer, loss, args.wm_grad_clip)
+    return dict(dynamics_model=loss, next_tokens=parts["obs"], reward=parts["reward"], end=parts["end"])
+
+
+def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, args, device):
+    frames, _, _, _, mask = replay.segments(args.ac_batch_size, args.burn_in + 1, False, device)
+    imagined = imagine(tokenizer, world_model, actor_critic, frames, mask, args.imagine_horizon)
+    loss, parts = actor_critic_loss(imagined, args.gamma, args.lam, args.entropy_coef)
+    update(actor_critic, optimizer, loss, args.ac_grad_clip)
+    entropy = imagined["entropies"].detach().mean() / math.log(actor_critic.actor.out_features)
+    return dict(actor=parts["actor"], critic=parts["critic"], entropy_bonus=parts["entropy"], policy_entropy=entropy)
+
+
+def log_metrics(writer, metrics, step):
+    """Write the losses of one gradient step (the only place they leave the device)."""
+    for name, value in metrics.items():
+        writer.add_scalar(f"charts/{name}" if name == "policy_entropy" else f"losses/{name}", float(value.detach()), step)
+
+
+def log_evaluation(writer, args, returns, step):
+    mean, std = float(returns.mean()), float(returns.std())
+    writer.add_scalar("eval/return_mean", mean, step)
+    writer.add_scalar("eval/return_std", std, step)
+    hns = human_normalized_score(args.env_id, mean)
+    if hns is not None:
+        writer.add_scalar("eval/human_normalized_score", hns, step)
+    return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    run_name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__iris__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", run_name)
+
+    # TRY NOT TO MODIFY: seeding and device
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # CUDA only; CPU is fp32
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+
+    env = make_env(args, train=True)
+    num_actions = int(env.action_space.n)
+    protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
+                    action_set="minimal" if is_atari(args.env_id) else "env", num_actions=num_actions,
+                    noop_max_train=args.noop_max, noop_max_eval=args.eval_noop_max,
+                    life_loss_terminal_train=args.life_loss_terminal, fire_after_life_loss=False,
+                    max_episode_frames_train=args.max_episode_frames, max_episode_frames_eval=args.eval_max_episode_frames,
+                    observation=f"{env.observation_space.shape} uint8", reward="raw r stored, sign(r) predicted",
+                    eval_policy=f"reconstructed frames, actions sampled at temperature {args.eval_temperature}")
+    print(f"protocol: {json.dumps(protocol)}")
+    writer = SummaryWriter(run_dir)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    writer.add_text("protocol", json.dumps(protocol))
+
+    # ALGO LOGIC: models and optimisers (official: Adam, AdamW with decay on Linear weights only, Adam)
+    tokenizer = Tokenizer(args).to(device).eval()
+    world_model = WorldModel(args, num_actions).to(device).eval()
+    actor_critic = ActorCritic(num_actions, args.ac_lstm_dim).to(device).eval()
+    tok_opt = torch.optim.Adam(tokenizer.parameters(), args.tok_lr)
+    wm_opt = torch.optim.AdamW(adamw_param_groups(world_model, args.wm_weight_decay), args.wm_lr)
+    ac_opt = torch.optim.Adam(actor_critic.parameters(), args.ac_lr)
+    if args.compile:
+        tokenizer.encoder, tokenizer.decoder = torch.compile(tokenizer.encoder), torch.compile(tokenizer.decoder)
+    replay = Replay(args.total_timesteps, env.observation_space.shape, args.seed)
+    components = [  # (module, start after epoch, steps per epoch, one gradient step)
+        (tokenizer, args.tok_start_after, args.tok_steps_per_epoch,
+         lambda: train_tokenizer(tokenizer, tok_opt, replay, args, device)),
+        (world_model, args.wm_start_after, args.wm_steps_per_epoch,
+         lambda: train_world_model(world_model, tokenizer, wm_opt, replay, args, device)),
+        (actor_critic, args.ac_start_after, args.ac_steps_per_epoch,
+         lambda: train_actor_critic(actor_critic, tokenizer, world_model, ac_opt, replay, args, device)),
+    ]
+
+    obs, _ = env.reset(seed=args.seed)
+    env.action_space.seed(args.seed)
+    replay.add_frame(obs, first=True)
+    start_time, global_step, gradient_steps = time.time(), 0, [0, 0, 0]
+    policy = lambda frames, state: act(tokenizer, actor_critic, frames, state, args.eval_temperature, 0.0, device)  # noqa
+    progress = tqdm(range(1, args.epochs + 1), desc="iris epochs", dynamic_ncols=True)
+    for epoch in progress:
+        # ALGO LOGIC: collect with the current policy; its LSTM is warmed up on the ongoing episode (official)
+        collect = min(args.collect_steps_per_epoch, args.total_timesteps - global_step)
+        if collect > 0:
+            recent, mask = replay.recent(args.burn_in)
+            with torch.no_grad():
+                state = actor_critic.burn_in(tokenizer.encode_decode(torch.as_tensor(recent, device=device))[None],
+                                             torch.as_tensor(mask, device=device)[None])
+        for _ in range(collect):
+            action, state = act(tokenizer, actor_critic, obs[None], state, args.collect_temperature,
+                                args.collect_epsilon, device)
+            obs, reward, terminated, truncated, info = env.step(action[0])
+            replay.add_step(action[0], reward, terminated, truncated)
+            global_step += 1
+            if "episode" in info:  # whole games, raw score
+                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+            if terminated or truncated:
+                obs, _ = env.reset()
+                state = None
+            replay.add_frame(obs, first=terminated or truncated)
+
+        # ALGO LOGIC: tokenizer, world model, actor-critic, each after its start epoch; eval mode in between
+        x_step = epoch * args.collect_steps_per_epoch  # keeps advancing in the training-only epochs
+        for i, (module, start_after, steps, train_step) in enumerate(components):
+            if epoch <= start_after:
+                continue
+            module.train()
+            for _ in range(steps):
+                with autocast:
+                    metrics = train_step()
+                gradient_steps[i] += 1
+                if gradient_steps[i] % args.log_every == 0:
+                    log_metrics(writer, metrics, x_step)
+            module.eval()
+        sps = int(global_step / (time.time() - start_time))
+        writer.add_scalar("charts/SPS", sps, global_step)
+        progress.set_postfix(SPS=sps, steps=global_step)
+        if collect > 0 and global_step // args.eval_every > (global_step - collect) // args.eval_every \
+                and global_step < args.total_timesteps:
+            returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 10_000 + global_step)
+            progress.write(f"global_step={global_step}, eval_return={returns.mean():.2f}")
+            log_evaluation(writer, args, returns, global_step)
+
+    returns = evaluate(args, policy, args.final_eval_episodes, seed=args.seed + 1_000_000)
+    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=args.total_timesteps,
+                   eval_episodes=args.final_eval_episodes, **log_evaluation(writer, args, returns, x_step),
+                   wall_seconds=round(time.time() - start_time, 1))
+    if summary["human_normalized_score"] is None:
+        del summary["human_normalized_score"]
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(json.dumps(summary))
+    env.close()
+    writer.close()

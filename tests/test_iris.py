@@ -1,0 +1,212 @@
+"""Unit tests for the IRIS model half of iris.py (CPU, tiny sizes, seconds)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import iris  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+NUM_ACTIONS = 3
+
+
+@pytest.fixture
+def args():
+    torch.manual_seed(0)
+    return iris.Args(**iris.TINY)
+
+
+def random_frames(*shape):
+    return torch.randint(0, 256, (*shape, 3, 64, 64), dtype=torch.uint8)
+
+
+def valid_sequence(a, B, steps):
+    """Interleaved ids: frame tokens in [0, vocab), action ids in [0, NUM_ACTIONS)."""
+    obs = torch.randint(0, a.tok_vocab_size, (B, steps, 16))
+    act = torch.randint(0, NUM_ACTIONS, (B, steps, 1))
+    return torch.cat([obs, act], dim=2).flatten(1)
+
+
+def final_hidden(wm, seq):
+    """Hidden states after the final LayerNorm, (B, T, d), via a forward hook."""
+    out = {}
+    handle = wm.ln_f.register_forward_hook(lambda m, i, o: out.setdefault("h", o))
+    wm(seq)
+    handle.remove()
+    return out["h"]
+
+
+def test_quantize_picks_nearest_code(args):
+    tok = iris.Tokenizer(args)
+    z = torch.randn(3, args.tok_embed_dim, 4, 4) * 0.01
+    tokens, z_q = tok.quantize(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, args.tok_embed_dim)
+    nearest = torch.cdist(flat, tok.codebook.weight).argmin(1).view(3, 16)  # brute-force Euclidean
+    assert torch.equal(tokens, nearest)
+    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, args.tok_embed_dim), tok.codebook.weight[nearest.flatten()])
+
+
+def test_straight_through_copies_gradient(args):
+    tok = iris.Tokenizer(args)
+    _, z, z_q = tok.encode(random_frames(2))
+    z.retain_grad()
+    z_st = iris.straight_through(z, z_q)
+    z_st.retain_grad()
+    assert torch.allclose(z_st, z_q, atol=1e-6)  # forward value is the quantised one
+    tok.decode_latent(z_st).square().sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0
+    assert torch.allclose(z.grad, z_st.grad)  # backward is the identity
+    assert tok.codebook.weight.grad is None  # the reconstruction path does not train the codebook
+
+
+def test_autoencoder_shapes_and_loss(args):
+    tok = iris.Tokenizer(args)
+    frames = random_frames(4)
+    tokens, _, _ = tok.encode(frames)
+    assert tokens.shape == (4, 16) and tokens.dtype == torch.long
+    assert tokens.min() >= 0 and tokens.max() < args.tok_vocab_size
+    for recon in (tok.decode(tokens), tok.encode_decode(frames)):
+        assert recon.shape == (4, 3, 64, 64) and recon.min() >= 0 and recon.max() <= 1
+    assert tok.encode(random_frames(2, 5))[0].shape == (2, 5, 16)  # leading dims are kept
+    loss, parts = iris.tokenizer_loss(tok, frames, args.tok_beta)
+    loss.backward()
+    assert torch.isfinite(loss) and set(parts) == {"codebook", "commitment", "reconstruction"}
+    assert tok.codebook.weight.grad.abs().sum() > 0 and tok.encoder[0].weight.grad.abs().sum() > 0
+
+
+def test_labels_alignment():
+    tokens = torch.arange(32).view(1, 2, 16)  # frame 1 = 0..15, frame 2 = 16..31
+    rewards, ends = torch.tensor([[-2.0, 0.5]]), torch.tensor([[False, True]])
+    obs, reward, end = iris.world_model_labels(tokens, rewards, ends, torch.ones(1, 2, dtype=torch.bool))
+    assert obs.tolist() == [list(range(1, 32))]  # flatten(tokens)[1:]
+    assert obs[0, 14] == 15 and obs[0, 15] == 16  # token 14 -> token 15; action 1 -> next frame's token 0
+    assert reward.tolist() == [[0, 2]] and end.tolist() == [[0, 1]]
+    obs, reward, end = iris.world_model_labels(tokens, rewards, ends, torch.tensor([[True, False]]))
+    assert obs.tolist() == [list(range(1, 16)) + [-100] * 16]  # padded second step is ignored
+    assert reward.tolist() == [[0, -100]] and end.tolist() == [[0, -100]]
+
+
+def test_heads_read_the_right_positions(args):
+    wm = iris.WorldModel(args, NUM_ACTIONS).eval()
+    seq = valid_sequence(args, 2, 2)  # 34 tokens
+    obs_logits, reward_logits, end_logits = wm(seq)
+    h = final_hidden(wm, seq)
+    obs_positions = list(range(15)) + [16] + list(range(17, 32)) + [33]  # never in-block position 15
+    act_positions = [16, 33]
+    assert obs_logits.shape == (2, 32, args.tok_vocab_size)
+    assert torch.allclose(obs_logits, wm.head_obs(h[:, obs_positions]))
+    assert torch.allclose(reward_logits, wm.head_reward(h[:, act_positions])) and reward_logits.shape[-1] == 3
+    assert torch.allclose(end_logits, wm.head_end(h[:, act_positions])) and end_logits.shape[-1] == 2
+
+
+def test_world_model_loss_pairs_predictions_with_labels(args):
+    tok, wm = iris.Tokenizer(args), iris.WorldModel(args, NUM_ACTIONS).eval()
+    B, L = 2, 3
+    frames, actions = random_frames(B, L), torch.randint(0, NUM_ACTIONS, (B, L))
+    rewards, ends = torch.tensor([[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]), torch.zeros(B, L, dtype=torch.bool)
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    loss, parts = iris.world_model_loss(wm, tok, frames, actions, rewards, ends, mask)
+    tokens = tok.encode(frames)[0]
+    obs_logits = wm(torch.cat([tokens, actions[..., None]], 2).flatten(1))[0]
+    # hand pairing for the first, fully real row: prediction i is scored against flatten(tokens)[i + 1]
+    ce = torch.nn.functional.cross_entropy(obs_logits[0, :-1], tokens[0].flatten()[1:])
+    ce_masked = torch.nn.functional.cross_entropy(obs_logits[1, :31], tokens[1].flatten()[1:32])  # 2 real steps
+    n0, n1 = 47, 31
+    assert torch.allclose(parts["obs"], (ce * n0 + ce_masked * n1) / (n0 + n1), atol=1e-5)
+    assert torch.allclose(loss, parts["obs"] + parts["reward"] + parts["end"])
+
+
+def test_kv_cache_matches_full_forward(args):
+    wm = iris.WorldModel(args, NUM_ACTIONS).eval()
+    seq = valid_sequence(args, 3, 3)  # 51 tokens
+    with torch.no_grad():
+        full = wm(seq)
+        cache = wm.new_cache(3)
+        # a 16-token reset, single tokens, and one 8-token chunk on top of a non-empty cache
+        bounds = [0, 16, 17, 25] + list(range(26, seq.shape[1] + 1))
+        parts = [wm(seq[:, s:e], cache) for s, e in zip(bounds[:-1], bounds[1:])]
+    assert cache.length == seq.shape[1]
+    for i in range(3):  # obs, reward, end logits
+        assert torch.allclose(full[i], torch.cat([p[i] for p in parts], dim=1), atol=1e-5)
+
+
+def test_attention_is_causal(args):
+    wm = iris.WorldModel(args, NUM_ACTIONS).eval()
+    seq = valid_sequence(args, 1, 2)
+    changed = seq.clone()
+    changed[0, 20] = (seq[0, 20] + 1) % args.tok_vocab_size  # a frame token of step 2
+    with torch.no_grad():
+        h, h_changed = final_hidden(wm, seq), final_hidden(wm, changed)
+    assert torch.allclose(h[:, :20], h_changed[:, :20], atol=1e-6)
+    assert not torch.allclose(h[:, 20:], h_changed[:, 20:], atol=1e-6)
+
+
+def test_weight_decay_only_on_linear_weights(args):
+    wm = iris.WorldModel(args, NUM_ACTIONS)
+    decay, rest = iris.adamw_param_groups(wm, 0.01)
+    assert len(decay["params"]) + len(rest["params"]) == len(list(wm.parameters()))
+    assert any(p is wm.head_obs[0].weight for p in decay["params"])
+    assert all(p is not wm.obs_emb.weight and p is not wm.pos_emb.weight for p in decay["params"])
+    assert all(p.dim() == 2 for p in decay["params"])
+
+
+def test_lambda_returns_hand_computed():
+    rewards = torch.tensor([[1.0, 2.0, 9.0], [0.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 1.0, 3.0], [0.0, 2.0, 4.0]])
+    ends = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    # row 1: L2 = 3; L1 = 2 + 0 (terminated); L0 = 1 + 0.9 (0.5 * 1 + 0.5 * 2) = 2.35
+    # row 2: L2 = 4; L1 = 0.9 (0.5 * 4 + 0.5 * 4) = 3.6; L0 = 0.9 (0.5 * 2 + 0.5 * 3.6) = 2.52
+    expected = torch.tensor([[2.35, 2.0, 3.0], [2.52, 3.6, 4.0]])
+    assert torch.allclose(iris.lambda_returns(rewards, values, ends, 0.9, 0.5), expected, atol=1e-6)
+
+
+def test_actor_critic_loss_ignores_last_step():
+    log_probs = torch.randn(2, 4, requires_grad=True)
+    values = torch.randn(2, 4, requires_grad=True)
+    imagined = dict(log_probs=log_probs, entropies=torch.rand(2, 4), values=values,
+                    rewards=torch.randn(2, 4), ends=torch.zeros(2, 4))
+    loss, _ = iris.actor_critic_loss(imagined, 0.99, 0.95, 0.001)
+    loss.backward()
+    assert torch.all(log_probs.grad[:, -1] == 0) and torch.all(log_probs.grad[:, :-1] != 0)
+    assert torch.all(values.grad[:, -1] == 0)  # V_{H-1} only bootstraps (detached)
+
+
+def test_burn_in_respects_mask():
+    torch.manual_seed(0)
+    ac = iris.ActorCritic(NUM_ACTIONS, 32)
+    frames = torch.rand(2, 4, 3, 64, 64)
+    mask = torch.tensor([[True] * 4, [False, False, True, True]])
+    with torch.no_grad():
+        h, c = ac.burn_in(frames, mask)
+        padded, real = frames.clone(), frames.clone()
+        padded[1, :2] = torch.rand(2, 3, 64, 64)
+        real[1, 2] = torch.rand(3, 64, 64)
+        h_padded, _ = ac.burn_in(padded, mask)
+        h_real, _ = ac.burn_in(real, mask)
+        h_short, _ = ac.burn_in(frames[1:, 2:], torch.ones(1, 2, dtype=torch.bool))
+    assert torch.allclose(h[1], h_padded[1])  # padded frames are ignored
+    assert not torch.allclose(h[1], h_real[1])  # real frames matter
+    assert torch.allclose(h[1:], h_short, atol=1e-6)  # same as starting at the first real frame
+    assert torch.allclose(h[0], h_real[0])  # rows are independent
+
+
+def test_imagine_shapes_and_gradients(args):
+    tok, wm = iris.Tokenizer(args), iris.WorldModel(args, NUM_ACTIONS)
+    ac = iris.ActorCritic(NUM_ACTIONS, args.ac_lstm_dim)
+    B, H = 3, args.imagine_horizon  # H == wm_sequence_length fills the context exactly
+    mask = torch.ones(B, args.burn_in + 1, dtype=torch.bool)
+    mask[0, :2] = False
+    out = iris.imagine(tok, wm, ac, random_frames(B, args.burn_in + 1), mask, H)
+    assert set(out) == {"log_probs", "entropies", "values", "rewards", "ends"}
+    assert all(v.shape == (B, H) for v in out.values())
+    assert set(out["rewards"].unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert set(out["ends"].unique().tolist()) <= {0.0, 1.0}
+    assert not wm.training and not tok.training  # dropout off while imagining
+    loss, _ = iris.actor_critic_loss(out, args.gamma, args.lam, args.entropy_coef)
+    loss.backward()
+    assert ac.actor.weight.grad is not None and ac.cnn[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in list(wm.parameters()) + list(tok.parameters()))
