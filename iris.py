@@ -126,6 +126,8 @@ class Args:
     # --- actor-critic (trained in imagination) ---
     ac_lstm_dim: int = 512
     """LSTMCell hidden size"""
+    ac_cnn_channels: tuple[int, ...] = (32, 32, 64, 64)
+    """channels of the 4 conv-maxpool-ReLU stages of the actor-critic (64 -> 32 -> 16 -> 8 -> 4)"""
     burn_in: int = 20
     """real (reconstructed) frames that warm up the LSTM before imagination starts"""
     imagine_horizon: int = 20
@@ -171,12 +173,12 @@ class Args:
 # steps per epoch and the segment length (8 steps cover a 7-step Catch episode); its small networks take
 # larger learning rates.
 TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_episodes=50, log_every=20,
-            tok_ch=16, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
+            tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
             tok_embed_dim=32, tok_lr=1e-3, tok_batch_size=32,
             wm_num_layers=2, wm_num_heads=4, wm_embed_dim=64, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
-            ac_lstm_dim=128, burn_in=2, imagine_horizon=8, ac_lr=1e-3, ac_batch_size=32,
-            epochs=35, collect_steps_per_epoch=100, tok_start_after=1, wm_start_after=2, ac_start_after=6,
-            tok_steps_per_epoch=25, wm_steps_per_epoch=50, ac_steps_per_epoch=25)
+            ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8, ac_lr=1e-3,
+            ac_batch_size=16, epochs=35, collect_steps_per_epoch=100, tok_start_after=1, wm_start_after=2,
+            ac_start_after=6, tok_steps_per_epoch=15, wm_steps_per_epoch=30, ac_steps_per_epoch=15)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 
 
@@ -652,14 +654,14 @@ def adamw_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 # Actor-critic: CNN + LSTM on reconstructed frames
 # ------------------------------------------------------------------------------------------------
 class ActorCritic(nn.Module):
-    def __init__(self, num_actions: int, lstm_dim: int):
+    def __init__(self, num_actions: int, lstm_dim: int, channels=(32, 32, 64, 64)):
         super().__init__()
         layers, cin = [], 3
-        for cout in (32, 32, 64, 64):  # 64 -> 32 -> 16 -> 8 -> 4
+        for cout in channels:  # 64 -> 32 -> 16 -> 8 -> 4
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
             cin = cout
         self.cnn = nn.Sequential(*layers, nn.Flatten())  # (B, 64*4*4 = 1024)
-        self.lstm = nn.LSTMCell(1024, lstm_dim)
+        self.lstm = nn.LSTMCell(cin * 16, lstm_dim)
         self.actor, self.critic = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
 
     def initial_state(self, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -873,7 +875,7 @@ if __name__ == "__main__":
     # ALGO LOGIC: models and optimisers (official: Adam, AdamW with decay on Linear weights only, Adam)
     tokenizer = Tokenizer(args).to(device).eval()
     world_model = WorldModel(args, num_actions).to(device).eval()
-    actor_critic = ActorCritic(num_actions, args.ac_lstm_dim).to(device).eval()
+    actor_critic = ActorCritic(num_actions, args.ac_lstm_dim, args.ac_cnn_channels).to(device).eval()
     tok_opt = torch.optim.Adam(tokenizer.parameters(), args.tok_lr)
     wm_opt = torch.optim.AdamW(adamw_param_groups(world_model, args.wm_weight_decay), args.wm_lr)
     ac_opt = torch.optim.Adam(actor_critic.parameters(), args.ac_lr)

@@ -1,8 +1,12 @@
 """Unit tests for the IRIS model half of iris.py (CPU, tiny sizes, seconds)."""
 
+import json
 import os
+import subprocess
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -210,3 +214,94 @@ def test_imagine_shapes_and_gradients(args):
     loss.backward()
     assert ac.actor.weight.grad is not None and ac.cnn[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in list(wm.parameters()) + list(tok.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------
+# Replay, wrappers on real ALE games, the command line, learning and an end-to-end run.
+# ------------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_replay_segments_pad_outside_the_episode():
+    replay = iris.Replay(capacity=10, frame_shape=(3, 64, 64), seed=0)
+    for i in range(10):  # two episodes: steps 0..3 and 4..9 (the second still going on)
+        replay.add_frame(np.full((3, 64, 64), i, np.uint8), first=i in (0, 4))
+        replay.add_step(0, float(i), i == 3, False)
+    for _ in range(20):
+        frames, _, rewards, ends, mask = replay.segments(4, 6, from_start=True, device="cpu")
+        starts = rewards[:, 0].long()
+        episode_end = torch.where(starts < 4, 4, 10)
+        assert torch.equal(mask, (starts[:, None] + torch.arange(6)) < episode_end[:, None])  # right-padded
+        frames, _, rewards, _, mask = replay.segments(4, 3, from_start=False, device="cpu")
+        assert mask[:, -1].all()  # the last frame of an actor-critic segment is always real
+        last = rewards[:, -1].long()
+        episode_start = torch.where(last < 4, 0, 4)
+        assert torch.equal(mask, (last[:, None] - 2 + torch.arange(3)) >= episode_start[:, None])  # left-padded
+
+
+def make_atari(env_id, train):
+    return iris.make_env(iris.parse_args(["--env-id", env_id]), train=train)
+
+
+@pytest.mark.timeout(120)
+def test_atari_wrappers_rgb_frames_and_soft_reset_after_life_loss():
+    env = make_atari("BreakoutNoFrameskip-v4", train=True)
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and env.action_space.n == 4
+    ale, lives = env.unwrapped.ale, env.unwrapped.ale.lives()
+    for _ in range(5000):
+        _, _, terminated, truncated, _ = env.step(1 if np.random.rand() < 0.5 else 0)  # FIRE often: no FIRE wrapper
+        if terminated:
+            break
+    assert terminated and 0 < ale.lives() < lives
+    frame = ale.getEpisodeFrameNumber()
+    env.reset()
+    assert ale.getEpisodeFrameNumber() > frame and ale.lives() == lives - 1
+
+
+@pytest.mark.timeout(120)
+def test_noops_per_mode():
+    def start_frames(train):
+        env = make_atari("PongNoFrameskip-v4", train=train)
+        return {env.reset(seed=seed)[1]["episode_frame_number"] for seed in range(8)}
+    assert len(start_frames(train=True)) > 1  # up to 30 random no-ops
+    assert start_frames(train=False) == {1}  # exactly one no-op frame (official: no-ops are raw frames)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("env_id, message", [
+    ("NoSuchGame-v0", "unknown env id"),
+    ("Pendulum-v1", "needs Discrete actions"),
+    ("CartPole-v1", "needs uint8 images"),
+])
+def test_bad_env_stops_with_one_line(env_id, message):
+    result = subprocess.run([sys.executable, "iris.py", "--env-id", env_id], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def run_script(tmp_path, *flags, timeout):
+    run = f"test_{tmp_path.name}"
+    subprocess.run([sys.executable, "iris.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
+                   stdout=subprocess.DEVNULL)
+    return json.loads((ROOT / "runs" / run / "summary.json").read_text())
+
+
+@pytest.mark.timeout(480)
+def test_tiny_preset_learns_catch(tmp_path):
+    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=470)
+    # optimum +1, uniformly random policy about -0.5
+    assert summary["eval_return_mean"] >= 0.7, summary
+
+
+@pytest.mark.timeout(300)
+def test_end_to_end_on_real_pong_writes_summary(tmp_path):
+    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "200",
+                         "--epochs", "3", "--tok-steps-per-epoch", "2", "--wm-steps-per-epoch", "2",
+                         "--ac-steps-per-epoch", "2", "--ac-start-after", "2", "--final-eval-episodes", "1",
+                         timeout=290)
+    assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
+                            "eval_return_std", "wall_seconds", "human_normalized_score"}
+    assert summary["env_id"] == "PongNoFrameskip-v4" and -21 <= summary["eval_return_mean"] <= 21
