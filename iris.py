@@ -262,7 +262,8 @@ def make_env(args, train):
     space = env.observation_space
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and
             (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))):
-        fail(f"env '{args.env_id}' observations are {space}; IRIS needs uint8 images (HxW or HxWx3)")
+        fail(f"env '{args.env_id}' observations are {type(space).__name__} {getattr(space, 'shape', '')} "
+             f"{getattr(space, 'dtype', '')}; IRIS needs uint8 images (HxW or HxWx3)")
     size = (FRAME_SIZE, FRAME_SIZE)
     if is_atari(args.env_id):
         # 1. frame skip 4 with max-pool over the last 2 frames, resize (official: resize each frame with PIL

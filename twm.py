@@ -273,8 +273,8 @@ def is_atari(env_id):
         return False
 
 
-def make_env(args, train, gray=True):
-    """One env yielding single uint8 frames (C, 64, 64); episode statistics count whole games, raw score."""
+def make_env(args, train):
+    """One env yielding single uint8 grayscale frames (1, 64, 64); episode statistics count whole games, raw score."""
     try:
         if is_atari(args.env_id):  # the protocol is set explicitly, whatever the id's defaults
             env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
@@ -289,12 +289,13 @@ def make_env(args, train, gray=True):
     space = env.observation_space
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and
             (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))):
-        fail(f"env '{args.env_id}' observations are {space}; TWM needs uint8 images (HxW or HxWx3)")
+        fail(f"env '{args.env_id}' observations are {type(space).__name__} {getattr(space, 'shape', '')} "
+             f"{getattr(space, 'dtype', '')}; TWM needs uint8 images (HxW or HxWx3)")
     size = (FRAME_SIZE, FRAME_SIZE)
     if is_atari(args.env_id):
         # 1. frame skip 4 with max-pool over the last 2 frames, resize (INTER_AREA), no-ops in training only
         env = gym.wrappers.AtariPreprocessing(env, noop_max=args.noop_max if train else 0, frame_skip=4,
-                                              screen_size=size, grayscale_obs=gray, grayscale_newaxis=True)
+                                              screen_size=size, grayscale_obs=True, grayscale_newaxis=True)
         env = gym.wrappers.RecordEpisodeStatistics(env)  # 2. whole games, raw rewards
         if args.fire_after_life_loss and "FIRE" in env.unwrapped.get_action_meanings():
             env = FireAfterLifeLoss(env)  # 3.
@@ -303,7 +304,7 @@ def make_env(args, train, gray=True):
     else:
         env = gym.wrappers.RecordEpisodeStatistics(env)
         env = gym.wrappers.ResizeObservation(env, size)
-        if gray and len(space.shape) == 3:
+        if len(space.shape) == 3:
             env = gym.wrappers.GrayscaleObservation(env, keep_dim=True)
     # 5. channels first: (H, W[, C]) -> (C, H, W)
     shape = env.observation_space.shape

@@ -269,8 +269,8 @@ def test_bad_env_stops_with_one_line(env_id, message):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
 
-def run_script(tmp_path, *flags, timeout):
-    run = f"test_{tmp_path.name}"
+def run_script(tmp_path, *flags, timeout, suffix=""):
+    run = f"test_{tmp_path.name}{suffix}"
     subprocess.run([sys.executable, "twm.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL)
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
@@ -291,3 +291,23 @@ def test_end_to_end_on_real_pong_writes_summary(tmp_path):
     assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
                             "eval_return_std", "wall_seconds", "human_normalized_score"}
     assert summary["env_id"] == "PongNoFrameskip-v4" and -21 <= summary["eval_return_mean"] <= 21
+
+
+def logged_losses(run):
+    """{tag: [values]} of the losses/ scalars that a run wrote to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(ROOT / "runs" / run))
+    events.Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+
+
+@pytest.mark.timeout(300)
+def test_same_seed_same_losses(tmp_path):
+    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "560", "--prefill", "500", "--pretrain-obs-updates", "5",
+                 "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "10",
+                 "--final-eval-episodes", "2"]
+    for suffix in ("_a", "_b"):
+        run_script(tmp_path, *flags, timeout=140, suffix=suffix)
+    first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
+    assert len(first) >= 6 and all(len(values) >= 2 for values in first.values())
+    assert first == second
