@@ -7,7 +7,7 @@ episode end; a CNN-LSTM actor-critic learns only in imagination, on decoded fram
 official code's; `# official:` comments mark where we differ.
 
     python iris.py --env-id PongNoFrameskip-v4                    # the paper's Atari 100k run (GPU: ~3.5 A100-days)
-    python iris.py --preset tiny --env-id tests.catch:Catch-v0    # learns the Catch test game on a laptop CPU
+    python iris.py --preset tiny --env-id tests.catch:Catch-v0    # a small run on the Catch test game, on a CPU
     python iris.py --help                                         # every hyperparameter, with the paper's value
 """
 
