@@ -474,12 +474,13 @@ class RelativeSelfAttention(nn.Module):
         self.scale = args.dyn_embed_dim ** -0.5
 
     def forward(self, x, memory, rel_enc, u, v, allowed):
+        """x (B, T, d) new tokens; memory = keys and values of the cached tokens, each (B, nh, M, hs).
+        Returns (B, T, d) and the keys and values of all S = M + T tokens."""
         B, T, _ = x.shape
-        context = torch.cat([memory, x], 1)  # (B, S, d): cached inputs of this layer, then the new tokens
-        S = context.shape[1]
-        q, k, val = self.qkv(context).chunk(3, -1)
-        heads = lambda t: t.view(B, -1, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, nh, len, hs)
-        q, k, val = heads(q[:, S - T:]), heads(k), heads(val)
+        heads = lambda t: t.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, nh, T, hs)
+        q, k, val = (heads(t) for t in self.qkv(x).chunk(3, -1))
+        k, val = torch.cat([memory[0], k], 2), torch.cat([memory[1], val], 2)  # (B, nh, S, hs)
+        S = k.shape[2]
         r = self.pos(rel_enc[:S]).view(S, self.heads, self.head_dim).transpose(0, 1)  # (nh, S, hs), row p = distance p
         by_distance = (q + v) @ r.transpose(1, 2)  # (B, nh, T, S): column p scores distance p
         query_pos = torch.arange(S - T, S, device=x.device)[:, None]
@@ -488,7 +489,7 @@ class RelativeSelfAttention(nn.Module):
         bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(q.dtype)  # the position term enters as a bias
         y = F.scaled_dot_product_attention(q + u, k, val, attn_mask=bias, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, val)
 
 
 class XLLayer(nn.Module):
@@ -502,12 +503,15 @@ class XLLayer(nn.Module):
         self.norm1, self.norm2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(p)
 
     def forward(self, x, memory, rel_enc, u, v, allowed):
-        x = self.norm1(x + self.drop(self.attn(x, memory, rel_enc, u, v, allowed)))
-        return self.norm2(x + self.drop(self.ff(x)))
+        attended, keys_values = self.attn(x, memory, rel_enc, u, v, allowed)
+        x = self.norm1(x + self.drop(attended))
+        return self.norm2(x + self.drop(self.ff(x))), keys_values
 
 
 class TransformerXL(nn.Module):
-    """Layers with a memory of their last `mem_len` inputs; u, v are shared by all layers (official)."""
+    """Layers with a memory of their last `mem_len` tokens; u, v are shared by all layers (official).
+    The memory keeps each layer's keys and values (official: the layer inputs, projected again at every
+    step; the numbers are the same), so an imagination step projects only its 3 new tokens."""
 
     def __init__(self, args):
         super().__init__()
@@ -519,23 +523,25 @@ class TransformerXL(nn.Module):
         max_len = max(self.mem_len + 3, 3 * (args.wm_sequence_length + 1) - 1)
         self.register_buffer("rel_enc", sinusoid_table(max_len, d), persistent=False)
         self.pos_drop = nn.Dropout(args.dyn_dropout)
+        self.heads, self.head_dim = heads, head_dim
 
     def forward(self, x, eid, memory=None):
-        """x (B, T, d) new tokens with episode ids eid (B, T); memory = (per-layer inputs [(B, M, d)], eids (B, M)).
+        """x (B, T, d) new tokens with episode ids eid (B, T); memory = (per-layer (keys, values), eids (B, M)).
         A token sees earlier tokens of its own episode only. Returns (B, T, d) and the updated memory."""
         if memory is None:
-            memory = ([x.new_zeros(x.shape[0], 0, x.shape[2])] * len(self.layers), eid[:, :0])
-        layer_inputs, memory_eid = memory
+            empty = x.new_zeros(x.shape[0], self.heads, 0, self.head_dim)
+            memory = ([(empty, empty)] * len(self.layers), eid[:, :0])
+        layer_memory, memory_eid = memory
         all_eid = torch.cat([memory_eid, eid], 1)  # (B, S)
         T, S = x.shape[1], all_eid.shape[1]
         causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         allowed = causal & (eid[:, :, None] == all_eid[:, None, :])  # (B, T, S): never across an episode end
         rel_enc = self.pos_drop(self.rel_enc)
-        new_inputs = []
-        for layer, cached in zip(self.layers, layer_inputs):
-            new_inputs.append(torch.cat([cached, x], 1)[:, -self.mem_len:].detach())
-            x = layer(x, cached, rel_enc, self.u, self.v, allowed)
-        return x, (new_inputs, all_eid[:, -self.mem_len:])
+        new_memory = []
+        for layer, cached in zip(self.layers, layer_memory):
+            x, (keys, values) = layer(x, cached, rel_enc, self.u, self.v, allowed)
+            new_memory.append((keys[:, :, -self.mem_len:].detach(), values[:, :, -self.mem_len:].detach()))
+        return x, (new_memory, all_eid[:, -self.mem_len:])
 
 
 def prediction_head(d, hidden, out, layers, dropout):
