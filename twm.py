@@ -17,7 +17,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import ale_py
