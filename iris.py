@@ -484,6 +484,13 @@ class Tokenizer(nn.Module):
         tokens, z_q = self.quantize(z)
         return tokens.view(*lead, TOKENS_PER_FRAME), z, z_q
 
+    def encode_real(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """frames uint8 (B, T, 3, 64, 64), mask (B, T) -> tokens (B, T, 16); padded steps are not encoded (token
+        0; official: zero frames are encoded, and every use ignores them, so outputs are the same)."""
+        tokens = torch.zeros(*mask.shape, TOKENS_PER_FRAME, dtype=torch.long, device=frames.device)
+        tokens[mask] = self.encode(frames[mask])[0]
+        return tokens
+
     def decode_latent(self, z_q: torch.Tensor) -> torch.Tensor:
         """(B, E, 4, 4) -> (B, 3, 64, 64) in [-1, 1] space (unclamped, for the loss)."""
         return self.decoder(self.post_quant_conv(z_q))
@@ -633,7 +640,7 @@ def world_model_labels(obs_tokens, rewards, ends, mask):
 def world_model_loss(world_model: WorldModel, tokenizer: Tokenizer, frames, actions, rewards, ends, mask):
     """frames uint8 (B, L, 3, 64, 64), actions (B, L), rewards/ends/mask (B, L). Returns (total, components)."""
     with torch.no_grad():  # tokens from the *current* tokenizer, recomputed every batch (never cached)
-        obs_tokens = tokenizer.encode(frames)[0]  # (B, L, 16)
+        obs_tokens = tokenizer.encode_real(frames, mask)  # (B, L, 16); right padding is causally invisible
     sequence = torch.cat([obs_tokens, actions[..., None]], dim=2).flatten(1)  # (B, 17 L)
     obs_logits, reward_logits, end_logits = world_model(sequence)
     labels = world_model_labels(obs_tokens, rewards, ends, mask)
@@ -748,8 +755,9 @@ def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCr
     world_model.eval()
     B = frames.shape[0]
     with torch.no_grad():
-        tokens = tokenizer.encode(frames)[0]  # (B, burn_in + 1, 16)
-        recon = tokenizer.decode(tokens)  # the policy only ever sees reconstructions
+        tokens = tokenizer.encode_real(frames, mask)  # (B, burn_in + 1, 16)
+        recon = torch.zeros(frames.shape, device=frames.device)  # the policy only ever sees reconstructions
+        recon[mask] = tokenizer.decode(tokens[mask])  # left padding stays black and is skipped by the burn-in
         state = actor_critic.burn_in(recon[:, :-1], mask[:, :-1])
         cache = world_model.new_cache(B)
         world_model(tokens[:, -1], cache)  # the world model starts from the last real frame only (16 tokens)

@@ -114,7 +114,7 @@ def test_world_model_loss_pairs_predictions_with_labels(args):
     rewards, ends = torch.tensor([[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]), torch.zeros(B, L, dtype=torch.bool)
     mask = torch.tensor([[True, True, True], [True, True, False]])
     loss, parts = iris.world_model_loss(wm, tok, frames, actions, rewards, ends, mask)
-    tokens = tok.encode(frames)[0]
+    tokens = tok.encode(frames)[0]  # plain reference path: every frame encoded, the padded one too (official)
     obs_logits = wm(torch.cat([tokens, actions[..., None]], 2).flatten(1))[0]
     # hand pairing for the first, fully real row: prediction i is scored against flatten(tokens)[i + 1]
     ce = torch.nn.functional.cross_entropy(obs_logits[0, :-1], tokens[0].flatten()[1:])
