@@ -10,17 +10,13 @@ in imagination. Every default is the official code's; `# official:` comments mar
     python twm.py --help                                         # every hyperparameter, with the paper's value
 """
 
-import json
-import math
-import os
-import random
-import re
-import sys
-import time
-from dataclasses import asdict, dataclass
+import json, math, os, random, re, signal, sys, time  # noqa: E401
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import ale_py
+import cloudpickle
+import cv2
 import gymnasium as gym
 import numpy as np
 import torch
@@ -34,11 +30,9 @@ from tqdm import tqdm
 gym.register_envs(ale_py)
 FRAME_SIZE = 64  # every frame is resized to 64x64 (the encoder and decoder shapes assume it)
 
-
 @dataclass
 class Args:
     """TWM (Robine et al., ICLR 2023). Defaults are the official code's; `--preset tiny` shrinks it for a CPU."""
-
     # --- experiment ---
     env_id: str = "PongNoFrameskip-v4"
     """any gymnasium id; ALE games get the Atari protocol, `module:Env-v0` imports `module` first"""
@@ -56,17 +50,26 @@ class Args:
     """cudnn.deterministic and no cudnn autotuning"""
     eval_every: int = 5000
     """evaluate every this many agent steps"""
-    eval_episodes: int = 10
+    interim_eval_episodes: int = 10
     """episodes per intermediate evaluation"""
-    final_eval_episodes: int = 100
-    """episodes of the final evaluation (the reported score)"""
+    eval_episodes: int = 100
+    """episodes of the final evaluation and of --eval-checkpoint (the Atari 100k protocol's count; the score)"""
     log_every: int = 100
     """write losses to TensorBoard every this many updates (each write syncs the device)"""
+    save_every: int = 10_000
+    """overwrite runs/<run>/checkpoint.pt every this many agent steps (0: only at the end and on Ctrl-C/SIGTERM)"""
+    resume: Optional[str] = None
+    """a checkpoint.pt to continue, in its folder, with the flags stored in it: every other flag is ignored"""
+    eval_checkpoint: Optional[str] = None
+    """a checkpoint.pt to evaluate (--eval-episodes games, a dream image, --capture-video) instead of training"""
+    video_every: int = 5000
+    """write a dream image to runs/<run>/dreams/ and TensorBoard every this many updates (0: never)"""
+    capture_video: bool = False
+    """save the first game of the final evaluation (and of --eval-checkpoint) as runs/<run>/videos/eval.mp4"""
     compile: bool = False
     """torch.compile the networks (CUDA speed-up; off by default)"""
     amp: bool = False
     """bf16 autocast for the world-model and actor-critic forwards (CUDA only; off by default)"""
-
     # --- env protocol ---
     frame_stack: int = 4
     """frames per observation; the replay stores each frame once and stacks at sampling time"""
@@ -78,7 +81,6 @@ class Args:
     """press FIRE at reset and after each life loss in games that have FIRE"""
     max_episode_steps: int = 27_000
     """a game is truncated after this many agent steps (108k frames)"""
-
     # --- observation model ---
     obs_channels: int = 48
     """base width h of the CNN encoder (h, 2h, 4h, 8h) and the transposed-CNN decoder"""
@@ -94,7 +96,6 @@ class Args:
     """the hinge acts when the mean entropy falls below this fraction of its maximum"""
     obs_consistency_coef: float = 0.01
     """coefficient of the cross-entropy from the detached dynamics prediction to the encoder"""
-
     # --- dynamics model (Transformer-XL) ---
     dyn_layers: int = 10
     """Transformer-XL layers"""
@@ -122,7 +123,6 @@ class Args:
     """steps per world-model training sequence (plus one context step)"""
     wm_memory_length: int = 16
     """Transformer-XL memory in steps (3 tokens each, plus 2)"""
-
     # --- actor-critic ---
     ac_hidden_dim: int = 512
     """width of the actor and critic MLPs"""
@@ -142,7 +142,6 @@ class Args:
     """Γ: penalty when the mean normalised policy entropy drops below it"""
     discount_threshold: float = 0.1
     """an imagined trajectory restarts when its cumulative γ̂ drops below this"""
-
     # --- optimisation ---
     wm_batch_size: int = 100
     """world-model sequences per update"""
@@ -160,7 +159,6 @@ class Args:
     """global gradient-norm clip of each world-model optimiser"""
     ac_grad_clip: float = 1.0
     """global gradient-norm clip of the actor and of the critic"""
-
     # --- replay and schedule ---
     buffer_temperature: float = 20.0
     """τ of balanced sampling: p(start) ∝ exp(-visits / τ)"""
@@ -180,8 +178,8 @@ class Args:
 
 # The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU; the small
 # networks also take 10x larger learning rates (measured: with 1e-4 they do not learn Catch within 3000 steps).
-TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_episodes=50, log_every=20,
-            obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
+TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
+            video_every=800, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
             dyn_layers=2, dyn_heads=2, dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_head_layers=2,
             dyn_z_head_dim=256, dyn_head_dim_rg=64, wm_sequence_length=8, wm_memory_length=8,
             ac_hidden_dim=128, ac_layers=2, ac_horizon=10, ac_batch_size=64, wm_batch_size=8,
@@ -189,39 +187,30 @@ TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_
             pretrain_obs_updates=200, pretrain_obs_batch=64, pretrain_dyn_updates=200, pretrain_ac_updates=100)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 
-
 def fail(message):
     """Stop with one line that names the problem and the fix, never a traceback."""
+    for bar in list(getattr(tqdm, "_instances", [])):  # on a line of its own, after an open progress bar
+        bar.close()
     raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twm.py'}: error: {message}")
-
 
 def parse_args(argv=None):
     """tyro CLI on top of a preset: `--preset tiny` picks the defaults, any other flag overrides them."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    preset = "paper"
-    for i, arg in enumerate(argv):
-        if arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        elif arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
+    presets = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
+    preset = (presets + [value for flag, value in zip(argv, argv[1:]) if flag == "--preset"] + ["paper"])[0]
     args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
     if args.total_timesteps <= args.prefill:
         fail(f"--total-timesteps {args.total_timesteps} must exceed --prefill {args.prefill}")
-    if min(args.wm_batch_size, args.ac_batch_size, args.eval_every, args.final_eval_episodes) <= 0:
-        fail("batch sizes, --eval-every and --final-eval-episodes must be positive")
+    if min(args.wm_batch_size, args.ac_batch_size, args.eval_every, args.interim_eval_episodes, args.eval_episodes) <= 0:
+        fail("batch sizes, --eval-every, --interim-eval-episodes and --eval-episodes must be positive")
     if args.ac_batch_size > args.wm_batch_size * args.wm_sequence_length:
         fail(f"--ac-batch-size must be at most wm_batch_size x wm_sequence_length "
              f"({args.wm_batch_size * args.wm_sequence_length}): starts are drawn from the world-model batch")
     return args
 
-
-# ------------------------------------------------------------------------------------------------
-# Environment: the Atari 100k protocol, built from gymnasium's wrappers plus the two it lacks.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Environment: the Atari 100k protocol, built from gymnasium's wrappers plus the two it lacks. ----------------
 class FireAfterLifeLoss(gym.Wrapper):
     """Press FIRE (then action 2) at reset and FIRE after every life loss, so a serve never waits (official)."""
-
     def reset(self, **kwargs):
         self.env.reset(**kwargs)
         self.env.step(1)
@@ -238,20 +227,14 @@ class FireAfterLifeLoss(gym.Wrapper):
         self.lives = lives
         return obs, reward, terminated, truncated, info
 
-
 class LifeLossSoftReset(gym.Wrapper):
     """A life loss ends the training episode, but the game goes on: the next reset() is one NOOP step."""
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.game_over = True
+    game_over = True  # the first reset() is a real one
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        lives = self.env.unwrapped.ale.lives()
-        self.game_over = terminated or truncated
-        life_lost = 0 < lives < self.lives
-        self.lives = lives
+        lives, self.game_over = self.env.unwrapped.ale.lives(), terminated or truncated
+        life_lost, self.lives = 0 < lives < self.lives, lives
         return obs, reward, terminated or life_lost, truncated, info
 
     def reset(self, **kwargs):
@@ -265,13 +248,11 @@ class LifeLossSoftReset(gym.Wrapper):
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
-
 def is_atari(env_id):
     try:
         return str(gym.spec(env_id).entry_point).startswith("ale_py")
     except gym.error.Error:
         return False
-
 
 def make_env(args, train):
     """One env yielding single uint8 grayscale frames (1, 64, 64); episode statistics count whole games, raw score."""
@@ -302,14 +283,11 @@ def make_env(args, train):
         if train and args.life_loss_terminal:
             env = LifeLossSoftReset(env)  # 4. evaluation plays whole games
     else:
-        env = gym.wrappers.RecordEpisodeStatistics(env)
-        env = gym.wrappers.ResizeObservation(env, size)
+        env = gym.wrappers.ResizeObservation(gym.wrappers.RecordEpisodeStatistics(env), size)
         if len(space.shape) == 3:
             env = gym.wrappers.GrayscaleObservation(env, keep_dim=True)
     # 5. channels first: (H, W[, C]) -> (C, H, W)
-    shape = env.observation_space.shape
-    channels = 1 if len(shape) == 2 else shape[-1]
-    new_space = gym.spaces.Box(0, 255, (channels, *size), np.uint8)
+    new_space = gym.spaces.Box(0, 255, (*(env.observation_space.shape[2:] or (1,)), *size), np.uint8)
     return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0), new_space)
 
 
@@ -325,38 +303,27 @@ ATARI_100K_SCORES = {
     "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
 }
 
-
 def human_normalized_score(env_id, score):
     """(score - random) / (human - random) for the 26 games, else None."""
     game = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
-    if game not in ATARI_100K_SCORES:
-        return None
-    random_score, human_score = ATARI_100K_SCORES[game]
-    return (score - random_score) / (human_score - random_score)
+    random_score, human_score = ATARI_100K_SCORES.get(game, (None, None))
+    return None if random_score is None else (score - random_score) / (human_score - random_score)
 
-
-# ------------------------------------------------------------------------------------------------
-# Replay: every frame stored once as uint8; 4-frame stacks are built at sampling time.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Replay: every frame stored once as uint8; 4-frame stacks are built at sampling time. ------------------------
 class Replay:
     """obs[i] is the frame before action[i]; reward/terminated/truncated[i] are what action[i] led to."""
-
     def __init__(self, capacity, frame_shape, stack, temperature, seed):
         self.frames = np.zeros((capacity + 1, *frame_shape), np.uint8)
         self.episode_start = np.zeros(capacity + 1, np.int64)  # index of the first frame of each frame's episode
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)  # tanh(r), the official reward transform
-        self.terminated = np.zeros(capacity, bool)
-        self.truncated = np.zeros(capacity, bool)
+        self.terminated, self.truncated = np.zeros(capacity, bool), np.zeros(capacity, bool)
         self.visits = np.zeros(capacity, np.float64)  # how often each index was a sequence start
-        self.stack, self.temperature, self.size = stack, temperature, 0
-        self.rng = np.random.default_rng(seed)
+        self.stack, self.temperature, self.size, self.rng = stack, temperature, 0, np.random.default_rng(seed)
 
     def add_frame(self, frame, first):
-        i = self.size
-        self.frames[i] = frame
-        self.episode_start[i] = i if first else self.episode_start[i - 1]
+        self.frames[self.size] = frame
+        self.episode_start[self.size] = self.size if first else self.episode_start[self.size - 1]
 
     def add_step(self, action, reward, terminated, truncated):
         i = self.size
@@ -366,18 +333,15 @@ class Replay:
 
     def stacks(self, index):
         """Frame stacks at any integer array of indices: (..., stack, H, W), repeating an episode's first frame."""
-        offsets = np.arange(1 - self.stack, 1)
-        frame_index = np.maximum(index[..., None] + offsets, self.episode_start[index][..., None])
+        frame_index = np.maximum(index[..., None] + np.arange(1 - self.stack, 1), self.episode_start[index][..., None])
         return self.frames[frame_index].reshape(*index.shape, -1, *self.frames.shape[2:])
 
     def sample_starts(self, batch, length, balanced=True):
         """Balanced sampling: starts drawn without replacement with p ∝ exp(-visits / τ), so new data comes first.
         Pretraining draws uniformly and leaves the visit counts alone."""
         starts, p = self.start_probabilities(length)
-        if not balanced:
-            return self.rng.choice(starts, size=batch, replace=False)
-        chosen = self.rng.choice(starts, size=batch, replace=False, p=p)
-        self.visits[chosen] += 1
+        chosen = self.rng.choice(starts, size=batch, replace=False, p=p if balanced else None)
+        self.visits[chosen] += balanced  # + 1, or + 0 in pretraining
         return chosen
 
     def start_probabilities(self, length):
@@ -395,11 +359,7 @@ class Replay:
         return (to(self.stacks(frame_index)), to(self.actions[step_index]), to(self.rewards[step_index]),
                 to(self.terminated[step_index]), to(self.truncated[step_index]))
 
-
-# ------------------------------------------------------------------------------------------------
-# Observation model: a CNN encoder to z (32 categoricals x 32 classes), a transposed CNN back to pixels.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Observation model: a CNN encoder to z (32 categoricals x 32 classes), a transposed CNN back to pixels. ------
 def kaiming_init(module, last_gain_one):
     """Official init: Kaiming-uniform, gain √2 (SiLU counted as ReLU), zero biases; gain 1 on a last linear layer.
     Only Linear and Conv2d are matched, so ConvTranspose2d keeps PyTorch's default (an official quirk, kept)."""
@@ -409,7 +369,6 @@ def kaiming_init(module, last_gain_one):
         nn.init.zeros_(layer.bias)
     if last_gain_one:
         nn.init.kaiming_uniform_(layers[-1].weight, nonlinearity="linear")
-
 
 class ObservationModel(nn.Module):
     def __init__(self, args, in_channels):
@@ -437,21 +396,15 @@ class ObservationModel(nn.Module):
         """z (..., 1024) -> mean of the unit-variance Gaussian over pixels (..., c, H, W), pixels in [0, 1]."""
         return self.decoder(z.flatten(0, -2)).view(*z.shape[:-1], *self.frame_shape)
 
-
 def sample_z(log_q):
     """One-hot sample with straight-through gradients (sample + probs - sg(probs)), flattened to (..., 1024)."""
     return OneHotCategoricalStraightThrough(logits=log_q).rsample().flatten(-2)
-
 
 def mode_z(log_q):
     """The most likely class of each categorical, one-hot and flattened: how the policy sees a real frame."""
     return F.one_hot(log_q.argmax(-1), log_q.shape[-1]).float().flatten(-2)
 
-
-# ------------------------------------------------------------------------------------------------
-# Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token. -----------------------
 def sinusoid_table(length, dim):
     """R[p, 2i] = sin(p / 10000^(2i/d)), R[p, 2i+1] = cos(...), for relative distances p = 0 .. length-1."""
     position = torch.arange(length, dtype=torch.float32)[:, None]
@@ -460,10 +413,8 @@ def sinusoid_table(length, dim):
     table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
     return table
 
-
 class RelativeSelfAttention(nn.Module):
     """Transformer-XL attention: score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}] / √d (official: d = 256)."""
-
     def __init__(self, args):
         super().__init__()
         self.heads, self.head_dim, self.dropout = args.dyn_heads, args.dyn_head_dim, args.dyn_dropout
@@ -491,10 +442,8 @@ class RelativeSelfAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, val)
 
-
 class XLLayer(nn.Module):
     """Post-LN (official): x = LN(x + Drop(Attn(x))), then x = LN(x + Drop(FFN(x))); no final LN."""
-
     def __init__(self, args):
         super().__init__()
         d, p = args.dyn_embed_dim, args.dyn_dropout
@@ -507,12 +456,10 @@ class XLLayer(nn.Module):
         x = self.norm1(x + self.drop(attended))
         return self.norm2(x + self.drop(self.ff(x))), keys_values
 
-
 class TransformerXL(nn.Module):
     """Layers with a memory of their last `mem_len` tokens; u, v are shared by all layers (official).
     The memory keeps each layer's keys and values (official: the layer inputs, projected again at every
     step; the numbers are the same), so an imagination step projects only its 3 new tokens."""
-
     def __init__(self, args):
         super().__init__()
         d, heads, head_dim = args.dyn_embed_dim, args.dyn_heads, args.dyn_head_dim
@@ -536,13 +483,11 @@ class TransformerXL(nn.Module):
         T, S = x.shape[1], all_eid.shape[1]
         causal = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         allowed = causal & (eid[:, :, None] == all_eid[:, None, :])  # (B, T, S): never across an episode end
-        rel_enc = self.pos_drop(self.rel_enc)
-        new_memory = []
+        rel_enc, new_memory = self.pos_drop(self.rel_enc), []
         for layer, cached in zip(self.layers, layer_memory):
             x, (keys, values) = layer(x, cached, rel_enc, self.u, self.v, allowed)
             new_memory.append((keys[:, :, -self.mem_len:].detach(), values[:, :, -self.mem_len:].detach()))
         return x, (new_memory, all_eid[:, -self.mem_len:])
-
 
 def prediction_head(d, hidden, out, layers, dropout):
     """Pre-activation MLP (official): SiLU on h first, then [Linear, SiLU, Dropout] x layers, then Linear."""
@@ -553,7 +498,6 @@ def prediction_head(d, hidden, out, layers, dropout):
     head = nn.Sequential(*modules, nn.Linear(width, out))
     kaiming_init(head, last_gain_one=True)
     return head
-
 
 class DynamicsModel(nn.Module):
     def __init__(self, args, num_actions):
@@ -596,11 +540,7 @@ class DynamicsModel(nn.Module):
         log_p = self.z_head(h).view(*h.shape[:-1], *self.z_shape).log_softmax(-1)
         return log_p, self.reward_head(h).squeeze(-1), self.discount_head(h).squeeze(-1)
 
-
-# ------------------------------------------------------------------------------------------------
-# Actor and critic: MLPs on z alone, so acting in the real game needs only the encoder and the actor.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Actor and critic: MLPs on z alone, so acting in the real game needs only the encoder and the actor. ---------
 def mlp(in_dim, hidden, out, layers):
     """[Linear, SiLU] x layers, then Linear; orthogonal init, gain √2 on hidden layers and 1 on the output."""
     modules, width = [], in_dim
@@ -614,11 +554,7 @@ def mlp(in_dim, hidden, out, layers):
             nn.init.zeros_(layer.bias)
     return net
 
-
-# ------------------------------------------------------------------------------------------------
-# Losses and returns.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Losses and returns. -----------------------------------------------------------------------------------------
 def observation_losses(obs_model, log_q, z, obs, args):
     """-log N(o; ô, 1) summed over all pixels (official; a per-pixel mean would shrink it 16384x) and averaged
     over stacks, plus the entropy hinge on the batch-mean entropy of q (constants of the log-densities dropped)."""
@@ -626,7 +562,6 @@ def observation_losses(obs_model, log_q, z, obs, args):
     entropy = -(log_q.exp() * log_q).sum((-2, -1)).mean()  # H(q) summed over the categoricals
     max_entropy = args.z_categoricals * math.log(args.z_classes)
     return decoder, args.obs_entropy_coef * F.relu(args.obs_entropy_threshold - entropy / max_entropy)
-
 
 def world_model_losses(obs_model, dyn, batch, args, train_encoder=True):
     """The balanced cross-entropy world-model loss on sequences of 1 context + L steps + 1 next frame.
@@ -657,7 +592,6 @@ def world_model_losses(obs_model, dyn, batch, args, train_encoder=True):
         losses["consistency"] = -args.obs_consistency_coef * (log_p[:, :-1].detach().exp() * log_q).sum((-2, -1)).mean()
     return losses, z_in.detach(), dones
 
-
 def lambda_advantages(rewards, values, discounts, lambda_):
     """A_t = δ_t + λ γ'_t A_{t+1}, δ_t = r_t + γ'_t V_{t+1} - V_t, A_H = 0, so R^λ_t = A_t + V_t.
     rewards, discounts (N, H); values (N, H+1). γ' is the predicted discount: it already holds γ = 0.99."""
@@ -667,7 +601,6 @@ def lambda_advantages(rewards, values, discounts, lambda_):
         advantage = deltas[:, t] + lambda_ * discounts[:, t] * advantage
         advantages.append(advantage)
     return torch.stack(advantages[::-1], 1)
-
 
 def actor_critic_losses(actor, critic, rollout, args, policy_gradient=True):
     """Critic: weighted ½(V - R^λ)²; actor: REINFORCE on the pre-update advantages plus η·max(0, Γ - H̄/ln A),
@@ -686,7 +619,6 @@ def actor_critic_losses(actor, critic, rollout, args, policy_gradient=True):
     critic_loss = (weights * 0.5 * (values[:, :-1] - returns).square()).mean()
     return dict(actor=actor_loss, critic=critic_loss, policy_entropy=entropy.detach())
 
-
 def optimize(loss, optimizers, clip):
     """One backward, then per optimiser: clip its global gradient norm and step (official: AdamOptim)."""
     for optimizer in optimizers:
@@ -696,11 +628,7 @@ def optimize(loss, optimizers, clip):
         nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
         optimizer.step()
 
-
-# ------------------------------------------------------------------------------------------------
-# Imagination: H steps from random windows of the world-model batch, the memory as an exact cache.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Imagination: H steps from random windows of the world-model batch, the memory as an exact cache. ------------
 @torch.no_grad()
 def imagine(dyn, actor, z_seq, actions, rewards, dones, args):
     """Start from N windows (z_{k-1}, a_{k-1}, r_{k-1}, z_k) of the batch (one real step of context) and roll out
@@ -727,32 +655,28 @@ def imagine(dyn, actor, z_seq, actions, rewards, dones, args):
         z = torch.where(end[:, None], fresh_z, sample_z(log_p))
         for key, value in zip(trajectory, (z, action, reward, discount, end, weight)):
             trajectory[key].append(value)
-        cumulative = torch.where(end, 1.0, cumulative)
-        weight = cumulative
+        weight = cumulative = torch.where(end, 1.0, cumulative)
         reward_eid, eid = eid, eid + end.long()
     return tuple(torch.stack(values, 1) for values in trajectory.values())
 
-
-# ------------------------------------------------------------------------------------------------
-# Acting and evaluation.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Acting and evaluation. --------------------------------------------------------------------------------------
 @torch.no_grad()
 def act(obs_model, actor, stacks, device):
     """Acting needs only the encoder and the actor: z = mode of q(z|o), a ~ π(a|z) (sampled, also in evaluation)."""
     z = mode_z(obs_model.encode(torch.as_tensor(stacks, device=device)))
     return Categorical(logits=actor(z)).sample().cpu().numpy()
 
-
-def evaluate(args, policy, episodes, seed, lockstep=16):
+def evaluate(args, policy, episodes, seed, video=None, lockstep=16):
     """Whole games without no-ops, raw score. Up to `lockstep` envs play together and all finish before new
-    ones start, so short games are not favoured (official)."""
+    ones start, so short games are not favoured (official). A list `video` receives the first game's frames."""
     returns = []
     while len(returns) < episodes:
         envs = [make_env(args, train=False) for _ in range(min(lockstep, episodes - len(returns)))]
         frames = np.stack([env.reset(seed=seed + len(returns) + i)[0] for i, env in enumerate(envs)])
         stacks = np.concatenate([frames] * args.frame_stack, 1)  # (n, stack * c, H, W)
         scores, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
+        record = video.append if video is not None and not returns else lambda frame: None  # the first game only
+        record(frames[0])
         while not done.all():
             actions = policy(stacks)
             for i in np.flatnonzero(~done):
@@ -760,15 +684,76 @@ def evaluate(args, policy, episodes, seed, lockstep=16):
                 scores[i] += reward
                 done[i] = terminated or truncated
                 stacks[i] = np.concatenate([stacks[i, len(frame):], frame])
+                if i == 0:
+                    record(frame)
         returns += scores.tolist()
         for env in envs:
             env.close()
     return np.array(returns)
 
+# ---- Dreams: what the world model imagines next to what really happened. ----------------------------------------
+@torch.no_grad()
+def dream(obs_model, dyn, replay, args, step, sequences=4):
+    """Rows of a dream image for random windows of real play, each in one episode: real frames, reconstructions, the
+    open-loop dream driven by the real actions (real z for `context` frames, then its own ẑ and r̂), |real - dream|."""
+    length, context = min(16, args.wm_sequence_length), max(2, min(16, args.wm_sequence_length) // 4)
+    n = min(length, np.bincount(replay.episode_start[:replay.size]).max())  # no longer than the longest episode
+    starts = np.flatnonzero(replay.episode_start[n - 1:replay.size] <= np.arange(replay.size - n + 1))  # in one
+    starts = np.random.default_rng(step).choice(starts, sequences)  # frames s .. s+n-1
+    stacks, actions, rewards, terminated, truncated = replay.sequences(starts + 1, n - 1, dyn.z_head[-1].weight.device)
+    real_text = [[f"a={a} r={r:+.2f}" + " end" * e for a, r, e in zip(*row)]  # what really followed each frame
+                 for row in zip(actions.tolist(), rewards.tolist(), (terminated | truncated).tolist())]
+    z, dream_text = mode_z(obs_model.encode(stacks[:, :-1])), [["context"] * context for _ in starts]  # z (S, n, 1024)
+    dyn.eval()
+    with torch.random.fork_rng():  # seeded by `step`, and training's RNG is left alone
+        torch.manual_seed(step)
+        dreamt, memory, eid = [z[:, 0]], dyn.start(z[:, 0], actions[:, 0]), actions[:, 0] * 0  # eid: one episode
+        for t in range(1, n):
+            z_t, r_in = (z[:, t], rewards[:, t - 1]) if t < context else (sample_z(log_p), reward)
+            h, memory = dyn.step(r_in, z_t, actions[:, t], eid, eid, memory)
+            log_p, reward, discount_logit = dyn.predict(h)  # for the step from frame t: ẑ_{t+1}, r̂_t, γ̂_t
+            dreamt.append(z_t)
+            for s, (r, g) in enumerate(zip(reward.tolist(), torch.sigmoid(discount_logit).tolist())):
+                if t >= context:
+                    dream_text[s].append(f"dream\nr={r:+.2f} " + ("end" if g < 0.5 else f"g={g:.2f}"))
+    dyn.train()  # its mode between updates
+    decode = lambda z_: obs_model.decode(z_)[:, :, -1:].clamp(0, 1)  # noqa: E731  the newest frame of each stack
+    real, imagined = stacks[:, :-1, -1:].float() / 255, decode(torch.stack(dreamt, 1))
+    rows = torch.stack([real, decode(z), imagined, (real - imagined).abs()], 1)  # (S, 4, n, 1, H, W) in [0, 1]
+    title = [f"TWM dream after agent step {step}: {sequences} random windows of real play, each in one episode. Rows: real "
+             "(a = action taken, r = tanh reward, end), reconstruction, dream, |real - dream|. Dream: green = context",
+             "(the real z fed in), red = imagined from its own samples and the real actions; r, g = predicted tanh "
+             "reward and discount of the step from the frame (end: g < 0.5)."]
+    return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
 
-# ------------------------------------------------------------------------------------------------
-# Training: the pretraining phase on the random prefill, then one update = 1 world-model + 1 actor-critic step.
-# ------------------------------------------------------------------------------------------------
+
+def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
+    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture (frames scaled up so the text fits); write it to
+    runs/<run>/dreams/<step>.png and to TensorBoard."""
+    S, R, n, size = *rows.shape[:3], rows.shape[-1] * scale
+    cells = (rows * 255).round().byte().expand(-1, -1, -1, 3, -1, -1).permute(0, 1, 2, 4, 5, 3).cpu().numpy()
+    cell_w, cell_h, left, top = size + 8, size + 34, 120, 18 * len(title) + 8
+    image = np.full((top + S * (R * cell_h + 12), left + n * cell_w, 3), 48, np.uint8)  # RGB, grey between frames
+    text = lambda s, x, y, color=(255, 255, 255): cv2.putText(  # noqa: E731
+        image, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1, cv2.LINE_AA)
+    for i, line in enumerate(title):
+        text(line, 4, 16 + 18 * i)
+    for s, r, t in np.ndindex(S, R, n):
+        x, y = left + t * cell_w + 4, top + s * (R * cell_h + 12) + r * cell_h + 4
+        image[y:y + size, x:x + size] = cells[s, r, t].repeat(scale, 0).repeat(scale, 1)
+        color = ((80, 220, 80) if t < context else (255, 80, 80)) if r == 2 else (255, 255, 255)
+        if r == 2:
+            cv2.rectangle(image, (x - 3, y - 3), (x + size + 2, y + size + 2), color, 2)
+        for i, line in enumerate(captions[s][r][t].split("\n")):
+            text(line, x, y + size + 14 + 13 * i, color)
+        if t == 0:
+            text(f"{s + 1}: " + ("real", "reconstruction", "dream", "|real - dream|")[r], 4, y + size // 2)
+    os.makedirs(os.path.join(run_dir, "dreams"), exist_ok=True)
+    cv2.imwrite(os.path.join(run_dir, "dreams", f"{step:07d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    writer.add_image("dreams", image, step, dataformats="HWC")
+    return image
+
+# ---- Training: the pretraining phase on the random prefill, then one update = 1 world-model + 1 actor-critic step.
 
 def pretrain(models, optimizers, replay, args, device):
     """official: observation model alone, then dynamics with the encoder frozen, then the critic on real latent
@@ -796,12 +781,10 @@ def pretrain(models, optimizers, replay, args, device):
         losses = actor_critic_losses(actor, critic, rollout, args, policy_gradient=False)
         optimize(losses["actor"] + losses["critic"], [actor_opt, critic_opt], args.ac_grad_clip)
 
-
 def train_step(models, optimizers, replay, args, device, autocast):
     """One world-model step on a balanced batch, then imagination from that batch and one actor and critic step."""
     obs_model, dyn, actor, critic = models
-    L = args.wm_sequence_length
-    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L), L, device)
+    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, args.wm_sequence_length), args.wm_sequence_length, device)
     with autocast:
         wm_losses, z_seq, dones = world_model_losses(obs_model, dyn, batch, args)
     optimize(sum(wm_losses.values()), optimizers[:2], args.wm_grad_clip)
@@ -814,16 +797,13 @@ def train_step(models, optimizers, replay, args, device, autocast):
     optimize(ac_losses["actor"] + ac_losses["critic"], optimizers[2:], args.ac_grad_clip)
     return {**wm_losses, **ac_losses}
 
-
 def log_metrics(writer, metrics, step):
-    """Write the losses of one update (the only place they leave the device)."""
-    metrics = {name: float(value.detach()) for name, value in metrics.items()}
+    """Write the losses of one update, floats from `finite` (the only place they leave the device)."""
     metrics["observation_model"] = metrics["decoder"] + metrics["entropy_hinge"] + metrics["consistency"]
     metrics["dynamics_model"] = metrics["next_z"] + metrics["reward"] + metrics["discount"]
     writer.add_scalar("charts/policy_entropy", metrics.pop("policy_entropy"), step)
     for name, value in metrics.items():
         writer.add_scalar(f"losses/{name}", value, step)
-
 
 def log_evaluation(writer, args, returns, step):
     mean, std = float(returns.mean()), float(returns.std())
@@ -834,12 +814,63 @@ def log_evaluation(writer, args, returns, step):
         writer.add_scalar("eval/human_normalized_score", hns, step)
     return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
 
+# ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. -----------------------
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # all RNGs a run draws from
+        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+
+def save_checkpoint(path, args, models, optimizers, replay, env, losses, counters):
+    """Networks, optimisers, the filled part of the replay, every RNG, the last (finite) losses and the training env
+    itself (cloudpickle: gymnasium's wrappers hold lambdas), via a temporary file: a crash never leaves half a file."""
+    ale = is_atari(args.env_id) and (env.unwrapped.clone_state(include_rng=True), env.unwrapped.np_random, env.action_space)
+    checkpoint = dict(script="twm", args=asdict(args), models=[m.state_dict() for m in models], losses=losses,
+                      optimizers=[o.state_dict() for o in optimizers], rng=[get() for get, _ in RNGS], env=env,
+                      replay={k: v[:replay.size + 1] if isinstance(v, np.ndarray) else v for k, v in vars(replay).items()},
+                      ale=ale, counters=counters)
+    torch.save(checkpoint, path + ".tmp", pickle_module=cloudpickle)
+    os.replace(path + ".tmp", path)
+
+def open_run(args):
+    """The run's flags, folder and checkpoint, or one line naming the problem: --resume goes on in the checkpoint's
+    folder with its flags; --eval-checkpoint takes its networks and env protocol, and this command's eval flags."""
+    path = args.resume or args.eval_checkpoint
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False) if path else None
+    except Exception as error:  # missing, or truncated or foreign: unpickling can fail anywhere
+        fail(f"cannot read checkpoint {path} ({type(error).__name__}); pass the intact checkpoint.pt of a run, "
+             f"runs/<run-name>/checkpoint.pt")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if path and script != "twm":
+        fail(f"{path} is not a twm.py checkpoint" + (f" but an {script}.py one; pass it to {script}.py" if script else ""))
+    if args.resume:
+        return Args(**checkpoint["args"]), os.path.dirname(os.path.abspath(path)), checkpoint
+    if args.eval_checkpoint and (game := checkpoint["args"]["env_id"]) != args.env_id:
+        fail(f"{path} is a checkpoint of {game}, not of --env-id {args.env_id}; pass --env-id {game}")
+    if checkpoint:
+        args = replace(Args(**checkpoint["args"]), eval_checkpoint=path, run_name=args.run_name, device=args.device,
+                       eval_episodes=args.eval_episodes, capture_video=args.capture_video)
+    name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__twm__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        fail(f"{run_dir} already holds a run; pass another --run-name, or continue it with --resume {run_dir}/checkpoint.pt")
+    return args, run_dir, checkpoint
+
+def diverged(what, run_dir):
+    """Stop a run whose training produced a non-finite number, naming its last good checkpoint."""
+    last = os.path.join(run_dir, "checkpoint.pt")
+    fail(f"{what}; stopped without writing a checkpoint (last good one: {last if os.path.exists(last) else 'none'}); "
+         f"try smaller learning rates")
+
+def finite(metrics, update, run_dir):
+    """The losses as floats (one device sync); a non-finite one stops the run before it is logged or saved."""
+    values = {name: float(value.detach()) for name, value in metrics.items()}
+    for name, value in values.items():
+        if not math.isfinite(value):
+            diverged(f"loss {name} is {value} at update {update}", run_dir)
+    return values
 
 if __name__ == "__main__":
-    args = parse_args()
-    run_name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__twm__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-
+    args, run_dir, checkpoint = open_run(parse_args())
+    resuming = checkpoint is not None and not args.eval_checkpoint
     # TRY NOT TO MODIFY: seeding and device
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -849,7 +880,6 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # CUDA only; CPU is fp32
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
     env = make_env(args, train=True)
     num_actions = int(env.action_space.n)
     protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
@@ -859,13 +889,11 @@ if __name__ == "__main__":
                     observation=f"{args.frame_stack} x {env.observation_space.shape} uint8", reward="tanh(r) stored",
                     eval_policy="z = mode of q(z|o), actions sampled at temperature 1")
     print(f"protocol: {json.dumps(protocol)}")
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if resuming else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     writer.add_text("protocol", json.dumps(protocol))
-
     # ALGO LOGIC: models and optimisers (official: torch Adam with L2-coupled weight decay)
-    in_channels = args.frame_stack * env.observation_space.shape[0]
-    z_dim = args.z_categoricals * args.z_classes
+    in_channels, z_dim = args.frame_stack * env.observation_space.shape[0], args.z_categoricals * args.z_classes
     obs_model = ObservationModel(args, in_channels).to(device)
     dyn = DynamicsModel(args, num_actions).to(device)
     actor = mlp(z_dim, args.ac_hidden_dim, num_actions, args.ac_layers).to(device)
@@ -877,15 +905,32 @@ if __name__ == "__main__":
                   adam(critic, args.critic_lr))
     if args.compile:
         obs_model.encoder, dyn.transformer = torch.compile(obs_model.encoder), torch.compile(dyn.transformer)
-    replay = Replay(args.total_timesteps, env.observation_space.shape, args.frame_stack, args.buffer_temperature,
-                    args.seed)
-
-    obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
-    replay.add_frame(obs, first=True)
-    start_time, updates, update_credit = time.time(), 0, 0.0
+    replay = Replay(args.total_timesteps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, args.seed)
+    if checkpoint:  # the run goes on (or is evaluated) exactly where the checkpoint left it
+        for module, state in zip((*models, *optimizers), checkpoint["models"] + checkpoint["optimizers"]):
+            module.load_state_dict(state)
+        vars(replay).update({k: np.concatenate([v, getattr(replay, k)[len(v):]]) if isinstance(v, np.ndarray) else v
+                             for k, v in checkpoint["replay"].items()})  # the arrays hold the filled part only
+        for (_, set_state), state in zip(RNGS, checkpoint["rng"]):
+            set_state(state)
+        env.close()
+        env, global_step, updates, update_credit, wall_seconds = checkpoint["env"], *checkpoint["counters"]
+        if checkpoint["ale"]:  # an unpickled ALE env starts afresh: its emulator state and RNGs come back too
+            ale_state, env.unwrapped.np_random, env.unwrapped.action_space = checkpoint["ale"]
+            env.unwrapped.restore_state(ale_state)
+    else:
+        replay.add_frame(env.reset(seed=args.seed)[0], first=True)
+        env.action_space.seed(args.seed)
+        global_step, updates, update_credit, wall_seconds = 0, 0, 0.0, 0.0
+    start_time, metrics, stop = time.time() - (wall_seconds if resuming else 0), {}, []
+    path = os.path.join(run_dir, "checkpoint.pt")
+    save = lambda: save_checkpoint(path, args, models, optimizers, replay, env, finite(metrics, updates, run_dir),  # noqa
+                                   (global_step, updates, update_credit, time.time() - start_time))
+    for signum in (signal.SIGINT, signal.SIGTERM) if not args.eval_checkpoint else ():  # save at a step boundary
+        signal.signal(signum, lambda signum, _: sys.exit(128 + signum) if stop else stop.append(signum))  # 2nd: quit
     policy = lambda stacks: act(obs_model, actor, stacks, device)  # noqa: E731
-    progress = tqdm(range(1, args.total_timesteps + 1), desc="twm", dynamic_ncols=True)
+    last_step = global_step if args.eval_checkpoint else args.total_timesteps  # --eval-checkpoint: no training
+    progress = tqdm(range(global_step + 1, last_step + 1), "twm", last_step, dynamic_ncols=True, initial=global_step)
     for global_step in progress:
         # ALGO LOGIC: act with the encoder and actor only (random during the prefill)
         if global_step <= args.prefill:
@@ -900,33 +945,54 @@ if __name__ == "__main__":
         if terminated or truncated:
             obs, _ = env.reset()
         replay.add_frame(obs, first=terminated or truncated)
-
         # ALGO LOGIC: pretraining once after the prefill, then ~1.316 updates per agent step
-        if global_step == args.prefill:
-            pretrain(models, optimizers, replay, args, device)
-        elif global_step > args.prefill:
-            update_credit += args.updates_per_step
-            while update_credit >= 1:
-                update_credit -= 1
-                metrics = train_step(models, optimizers, replay, args, device, autocast)
-                updates += 1
-                if updates % args.log_every == 0:
-                    log_metrics(writer, metrics, global_step)
+        try:
+            if global_step == args.prefill:
+                pretrain(models, optimizers, replay, args, device)
+            elif global_step > args.prefill:
+                update_credit += args.updates_per_step
+                while update_credit >= 1:
+                    update_credit -= 1
+                    metrics = train_step(models, optimizers, replay, args, device, autocast)
+                    updates += 1
+                    if updates % args.log_every == 0:
+                        log_metrics(writer, finite(metrics, updates, run_dir), global_step)
+                    if args.video_every and updates % args.video_every == 0:
+                        write_dream_image(writer, run_dir, global_step, *dream(obs_model, dyn, replay, args, global_step))
+        except ValueError as error:  # NaN outputs fail a torch.distributions check before a loss can be looked at
+            if "found invalid values" not in str(error):
+                raise
+            diverged(f"a network output NaN in {'pretraining' if updates == 0 else f'update {updates + 1}'}", run_dir)
         if global_step % 100 == 0:
-            sps = int(global_step / (time.time() - start_time))
-            writer.add_scalar("charts/SPS", sps, global_step)
+            writer.add_scalar("charts/SPS", sps := int(global_step / (time.time() - start_time)), global_step)
             progress.set_postfix(SPS=sps, updates=updates)
         if global_step % args.eval_every == 0 and global_step < args.total_timesteps:
-            returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 10_000 + global_step)
+            returns = evaluate(args, policy, args.interim_eval_episodes, seed=args.seed + 10_000 + global_step)
             progress.write(f"global_step={global_step}, eval_return={returns.mean():.2f}")
             log_evaluation(writer, args, returns, global_step)
-
-    returns = evaluate(args, policy, args.final_eval_episodes, seed=args.seed + 1_000_000)
-    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=args.total_timesteps,
-                   eval_episodes=args.final_eval_episodes, **log_evaluation(writer, args, returns, args.total_timesteps),
-                   wall_seconds=round(time.time() - start_time, 1))
-    if summary["human_normalized_score"] is None:
-        del summary["human_normalized_score"]
+        if args.save_every and global_step % args.save_every == 0 and global_step < args.total_timesteps:
+            save()
+        if stop:  # Ctrl-C or SIGTERM: stop at this step boundary
+            break
+    if not args.eval_checkpoint:  # the end of the run, or an interruption: a checkpoint to resume or evaluate
+        save()
+    if stop:
+        print(f"\ninterrupted: checkpoint saved to {path}; resume with --resume {path}")  # below the progress bar
+        sys.exit(128 + stop[0])
+    stop.append(0)  # from here on a signal quits at once
+    if args.eval_checkpoint:
+        write_dream_image(writer, run_dir, global_step, *dream(obs_model, dyn, replay, args, global_step))
+    video = [] if args.capture_video else None
+    returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 1_000_000, video=video)
+    if video:  # the first game, each pixel a 4x4 block, as an MP4 (mp4v codec)
+        os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+        mp4 = cv2.VideoWriter(os.path.join(run_dir, "videos", "eval.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 15, (256, 256))
+        for frame in video:  # grayscale (1, 64, 64)
+            mp4.write(cv2.cvtColor(frame[0].repeat(4, 0).repeat(4, 1), cv2.COLOR_GRAY2BGR))
+        mp4.release()
+    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step, eval_episodes=args.eval_episodes,
+                   **log_evaluation(writer, args, returns, global_step), wall_seconds=round(time.time() - start_time, 1))
+    summary = {key: value for key, value in summary.items() if value is not None}  # a normalised score: 26 games only
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))

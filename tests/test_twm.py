@@ -2,8 +2,11 @@
 
 import json
 import math
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +274,7 @@ def test_bad_env_stops_with_one_line(env_id, message):
 
 def run_script(tmp_path, *flags, timeout, suffix=""):
     run = f"test_{tmp_path.name}{suffix}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)  # a folder that holds a run is refused
     subprocess.run([sys.executable, "twm.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL)
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
@@ -287,7 +291,7 @@ def test_tiny_preset_learns_catch(tmp_path):
 def test_end_to_end_on_real_pong_writes_summary(tmp_path):
     summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "300",
                          "--prefill", "200", "--pretrain-obs-updates", "5", "--pretrain-dyn-updates", "5",
-                         "--pretrain-ac-updates", "5", "--final-eval-episodes", "1", timeout=290)
+                         "--pretrain-ac-updates", "5", "--eval-episodes", "1", timeout=290)
     assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
                             "eval_return_std", "wall_seconds", "human_normalized_score"}
     assert summary["env_id"] == "PongNoFrameskip-v4" and -21 <= summary["eval_return_mean"] <= 21
@@ -305,9 +309,186 @@ def logged_losses(run):
 def test_same_seed_same_losses(tmp_path):
     flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "560", "--prefill", "500", "--pretrain-obs-updates", "5",
                  "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "10",
-                 "--final-eval-episodes", "2"]
+                 "--eval-episodes", "2"]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
     assert len(first) >= 6 and all(len(values) >= 2 for values in first.values())
     assert first == second
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, resume, interruption, --eval-checkpoint, non-finite losses, dream images.
+# ------------------------------------------------------------------------------------------------
+
+SHORT = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--prefill", "500", "--pretrain-obs-updates", "5",
+         "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "5", "--eval-episodes", "2"]
+
+
+def twm_cli(*flags, timeout=120):
+    """twm.py in a subprocess; its CompletedProcess, output as text."""
+    return subprocess.run([sys.executable, "twm.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses_after(run_dir, step):
+    """{tag: [(step, value)]} of the losses/ scalars a run wrote after agent step `step`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag) if e.step > step]
+            for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    """The end checkpoint of a 520-step tiny Catch run (20 updates)."""
+    tmp_path = tmp_path_factory.mktemp("twm_checkpoint")
+    run_script(tmp_path, *SHORT, "--total-timesteps", "520", timeout=120)
+    return ROOT / "runs" / f"test_{tmp_path.name}" / "checkpoint.pt"
+
+
+@pytest.mark.timeout(240)
+def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
+    # The end checkpoint of a 550-step run is the state after step 550 of the same run made 600 steps long
+    # (--total-timesteps changes nothing before its end, and the end checkpoint is written before the final
+    # evaluation). Resumed with total_timesteps 600, it must log exactly the losses of the 600-step run.
+    full = run_script(tmp_path, *SHORT, "--total-timesteps", "600", timeout=120, suffix="_full")
+    run_script(tmp_path, *SHORT, "--total-timesteps", "550", timeout=120, suffix="_first")
+    checkpoint = torch.load(ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["counters"][:2] == (550, 50)  # agent steps, updates
+    checkpoint["args"]["total_timesteps"] = 600
+    resumed = ROOT / "runs" / f"test_{tmp_path.name}_resumed"
+    shutil.rmtree(resumed, ignore_errors=True)
+    resumed.mkdir()
+    torch.save(checkpoint, resumed / "checkpoint.pt", pickle_module=twm.cloudpickle)
+    result = twm_cli("--resume", str(resumed / "checkpoint.pt"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, got = losses_after(ROOT / "runs" / f"test_{tmp_path.name}_full", 550), losses_after(resumed, 550)
+    assert len(expected) >= 10 and all(len(values) == 10 for values in expected.values())  # updates 55, 60 .. 100
+    assert got == expected
+    assert json.loads((resumed / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    process = subprocess.Popen([sys.executable, "twm.py", *SHORT, "--total-timesteps", "3000", "--run-name", run],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("protocol:")  # then the networks, the replay and the handlers
+    time.sleep(5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    path = ROOT / "runs" / run / "checkpoint.pt"
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume" in stdout
+    checkpoint = torch.load(path, weights_only=False)
+    assert checkpoint["script"] == "twm" and 0 < checkpoint["counters"][0] < 3000 and "Traceback" not in stderr
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, message", [
+    (["--critic-lr", "1e30"], "error: loss actor is nan at update 1; stopped without writing a checkpoint (last good "
+                              "one: none)"),  # caught where the losses are logged
+    (["--wm-lr", "1e30", "--save-every", "250"], "error: a network output NaN in pretraining; stopped without writing "
+                                                 "a checkpoint (last good one: runs/"),  # caught in torch.distributions
+], ids=["logged loss", "network output"])
+def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message):
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    result = twm_cli(*SHORT, "--total-timesteps", "520", "--log-every", "1", "--run-name", run, *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    path = ROOT / "runs" / run / "checkpoint.pt"
+    assert not path.exists() if "none" in message else torch.load(path, weights_only=False)["counters"][0] == 250
+
+
+@pytest.mark.timeout(240)
+def test_eval_checkpoint_writes_summary_dream_and_video(tmp_path, checkpoint_path):
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    result = twm_cli("--eval-checkpoint", str(checkpoint_path), "--env-id", "tests.catch:Catch-v0",
+                     "--eval-episodes", "3", "--capture-video", "--run-name", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((ROOT / "runs" / run / "summary.json").read_text())
+    assert summary["eval_episodes"] == 3 and summary["total_timesteps"] == 520 and summary["env_id"].endswith("Catch-v0")
+    assert set(summary) == {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
+                            "eval_return_std", "wall_seconds"}  # no human_normalized_score: not an Atari game
+    import cv2
+    assert cv2.imread(str(ROOT / "runs" / run / "dreams" / "0000520.png")) is not None
+    video = cv2.VideoCapture(str(ROOT / "runs" / run / "videos" / "eval.mp4"))
+    ok, frame = video.read()
+    assert ok and frame.shape == (256, 256, 3) and video.get(cv2.CAP_PROP_FRAME_COUNT) == 8  # a 7-step game
+    assert not (ROOT / "runs" / run / "checkpoint.pt").exists()  # no training, no checkpoint
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
+    ("truncated", "cannot read checkpoint"),
+    ("other script", "is not a twm.py checkpoint but an iris.py one; pass it to iris.py"),
+    ("other game", "is a checkpoint of tests.catch:Catch-v0, not of --env-id PongNoFrameskip-v4; pass --env-id"),
+    ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
+])
+def test_checkpoint_problems_stop_with_one_line(tmp_path, checkpoint_path, problem, message):
+    path, flags = tmp_path / "checkpoint.pt", ["--eval-checkpoint"]
+    if problem == "truncated":
+        data = checkpoint_path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif problem == "other script":
+        torch.save({"script": "iris", "args": {}}, path)
+    elif problem in ("other game", "run exists"):
+        path = checkpoint_path
+    if problem != "other game":
+        flags = ["--env-id", "tests.catch:Catch-v0", "--eval-checkpoint" if problem != "missing" else "--resume"]
+    if problem == "run exists":
+        flags = ["--run-name", checkpoint_path.parent.name, *flags]
+    result = twm_cli(*flags, str(path), timeout=60)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def filled_replay(args, steps=60):
+    """A replay of `steps` random steps of Catch (7-step episodes)."""
+    env = twm.make_env(args, train=True)
+    replay = twm.Replay(steps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, 0)
+    obs, _ = env.reset(seed=0)
+    replay.add_frame(obs, first=True)
+    for _ in range(steps):
+        action = env.action_space.sample()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add_step(action, reward, terminated, truncated)
+        if terminated or truncated:
+            obs, _ = env.reset()
+        replay.add_frame(obs, first=terminated or truncated)
+    return replay
+
+
+@pytest.mark.timeout(60)
+def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path):
+    args = tiny_args()
+    torch.manual_seed(0)
+    obs_model, dyn = twm.ObservationModel(args, 4), twm.DynamicsModel(args, 3)
+    nn.init.constant_(obs_model.decoder[-1].bias, 0.5)  # decoded frames around grey, not clamped to black
+    replay = filled_replay(args)
+    rows, captions, context, title = twm.dream(obs_model, dyn, replay, args, step=7)
+    assert rows.shape == (4, 4, 7, 1, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
+    assert dyn.training  # left as it was
+    torch.testing.assert_close(rows[:, 2, :context], rows[:, 1, :context])  # context: the reconstructions
+    assert captions[0][2][:2] == ["context"] * 2 and captions[0][2][2].startswith("dream\nr=")
+    again, _, _, _ = twm.dream(obs_model, dyn, replay, args, step=7)
+    torch.testing.assert_close(again, rows)  # seeded by the step
+    replay.actions[:replay.size] = (replay.actions[:replay.size] + 1) % 3
+    changed, _, _, _ = twm.dream(obs_model, dyn, replay, args, step=7)
+    torch.testing.assert_close(changed[:, :2], rows[:, :2])  # the same windows...
+    assert not torch.allclose(changed[:, 2, context:], rows[:, 2, context:])  # ...dreamt under other actions
+
+    from torch.utils.tensorboard import SummaryWriter
+    image = twm.write_dream_image(SummaryWriter(str(tmp_path)), str(tmp_path), 7, rows, captions, context, title)
+    cell_w, cell_h = 2 * 64 + 8, 2 * 64 + 34  # frames scaled 2x, a 2-line caption under each
+    assert image.shape == (18 * 2 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 2-line title
+    png = (tmp_path / "dreams" / "0000007.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import cv2
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dreams" / "0000007.png"))[..., ::-1], image)
