@@ -11,17 +11,13 @@ official code's; `# official:` comments mark where we differ.
     python iris.py --help                                         # every hyperparameter, with the paper's value
 """
 
-import json
-import math
-import os
-import random
-import re
-import sys
-import time
-from dataclasses import asdict, dataclass
+import json, math, os, random, re, signal, sys, time  # noqa: E401
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import ale_py
+import cloudpickle
+import cv2
 import gymnasium as gym
 import numpy as np
 import torch
@@ -36,11 +32,9 @@ gym.register_envs(ale_py)
 FRAME_SIZE = 64  # every frame is resized to 64x64 (the tokenizer shapes assume it)
 TOKENS_PER_FRAME = 16  # K: a 64x64 frame downsampled 4 times -> 4x4 latent grid, row-major
 
-
 @dataclass
 class Args:
     """IRIS (Micheli et al., ICLR 2023). Defaults are the official code's; `--preset tiny` shrinks it for a CPU."""
-
     # --- experiment ---
     env_id: str = "PongNoFrameskip-v4"
     """any gymnasium id; ALE games get the Atari protocol, `module:Env-v0` imports `module` first"""
@@ -58,17 +52,26 @@ class Args:
     """cudnn.deterministic and no cudnn autotuning"""
     eval_every: int = 1000
     """evaluate after the epoch in which the agent step count crosses a multiple of this (official: 5 epochs)"""
-    eval_episodes: int = 16
+    interim_eval_episodes: int = 16
     """episodes per intermediate evaluation"""
-    final_eval_episodes: int = 100
-    """episodes of the final evaluation (the reported score)"""
+    eval_episodes: int = 100
+    """episodes of the final evaluation and of --eval-checkpoint (the Atari 100k protocol's count; the score)"""
     log_every: int = 100
     """write losses to TensorBoard every this many gradient steps of a component (each write syncs the device)"""
+    save_every: int = 10_000
+    """overwrite runs/<run>/checkpoint.pt after the epoch whose steps cross a multiple of this (0: only at the end/Ctrl-C)"""
+    resume: Optional[str] = None
+    """a checkpoint.pt to continue, in its folder, with the flags stored in it: every other flag is ignored"""
+    eval_checkpoint: Optional[str] = None
+    """a checkpoint.pt to evaluate (--eval-episodes games, a dream image, --capture-video) instead of training"""
+    video_every: int = 25
+    """a dream image to runs/<run>/dreams/ and TensorBoard after every this many epochs with a trained world model"""
+    capture_video: bool = False
+    """save the first game of the final evaluation (and of --eval-checkpoint) as runs/<run>/videos/eval.mp4"""
     compile: bool = False
     """torch.compile the networks (CUDA speed-up; off by default)"""
     amp: bool = False
     """bf16 autocast for the forwards (CUDA only; off by default)"""
-
     # --- env protocol ---
     noop_max: int = 30
     """up to this many no-ops after each real reset in training"""
@@ -80,7 +83,6 @@ class Args:
     """a training game is truncated after this many frames (5,000 agent steps)"""
     eval_max_episode_frames: int = 108_000
     """an evaluation game is truncated after this many frames (27,000 agent steps)"""
-
     # --- discrete autoencoder ("tokenizer") ---
     tok_ch: int = 64
     """base channel width of the VQ encoder/decoder"""
@@ -168,11 +170,10 @@ class Args:
     eval_temperature: float = 0.5
     """policy softmax temperature at evaluation (still sampled, not argmax)"""
 
-
 # The tiny preset keeps every mechanism (K = 16 tokens per frame included) and shrinks widths, batches,
 # steps per epoch and the segment length (8 steps cover a 7-step Catch episode); its small networks take
 # larger learning rates.
-TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_episodes=50, log_every=20,
+TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20, video_every=11,
             tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
             tok_embed_dim=32, tok_lr=1e-3, tok_batch_size=32,
             wm_num_layers=2, wm_num_heads=4, wm_embed_dim=64, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
@@ -181,49 +182,35 @@ TINY = dict(total_timesteps=3000, eval_every=1000, eval_episodes=20, final_eval_
             ac_start_after=6, tok_steps_per_epoch=15, wm_steps_per_epoch=30, ac_steps_per_epoch=15)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 
-
 def fail(message):
     """Stop with one line that names the problem and the fix, never a traceback."""
+    for bar in list(getattr(tqdm, "_instances", [])):  # on a line of its own, after an open progress bar
+        bar.close()
     raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'iris.py'}: error: {message}")
-
 
 def parse_args(argv=None):
     """tyro CLI on top of a preset: `--preset tiny` picks the defaults, any other flag overrides them."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    preset = "paper"
-    for i, arg in enumerate(argv):
-        if arg.startswith("--preset="):
-            preset = arg.split("=", 1)[1]
-        elif arg == "--preset" and i + 1 < len(argv):
-            preset = argv[i + 1]
+    presets = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
+    preset = (presets + [value for flag, value in zip(argv, argv[1:]) if flag == "--preset"] + ["paper"])[0]
     args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
-    if args.total_timesteps <= 0 or args.collect_steps_per_epoch <= 0:
-        fail("--total-timesteps and --collect-steps-per-epoch must be positive")
-    if min(args.tok_batch_size, args.wm_batch_size, args.ac_batch_size, args.eval_every, args.final_eval_episodes) <= 0:
-        fail("batch sizes, --eval-every and --final-eval-episodes must be positive")
+    if min(args.total_timesteps, args.collect_steps_per_epoch, args.tok_batch_size, args.wm_batch_size, args.ac_batch_size,
+           args.eval_every, args.interim_eval_episodes, args.eval_episodes) <= 0:
+        fail("--total-timesteps, --collect-steps-per-epoch, batch sizes, --eval-every and episode counts must be positive")
     if args.imagine_horizon > args.wm_sequence_length:
         fail(f"--imagine-horizon {args.imagine_horizon} must be at most --wm-sequence-length "
              f"{args.wm_sequence_length}: the whole imagined trajectory must fit in the GPT's context")
     return args
 
-
-# ------------------------------------------------------------------------------------------------
-# Environment: IRIS's Atari 100k protocol, built from gymnasium's wrappers plus the one it lacks.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Environment: IRIS's Atari 100k protocol, built from gymnasium's wrappers plus the one it lacks. -------------
 class LifeLossSoftReset(gym.Wrapper):
     """A life loss ends the training episode, but the game goes on: the next reset() is one NOOP step."""
-
-    def __init__(self, env):
-        super().__init__(env)
-        self.game_over = True
+    game_over = True  # the first reset() is a real one
 
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
-        lives = self.env.unwrapped.ale.lives()
-        self.game_over = terminated or truncated
-        life_lost = 0 < lives < self.lives
-        self.lives = lives
+        lives, self.game_over = self.env.unwrapped.ale.lives(), terminated or truncated
+        life_lost, self.lives = 0 < lives < self.lives, lives
         return obs, reward, terminated or life_lost, truncated, info
 
     def reset(self, **kwargs):
@@ -237,13 +224,11 @@ class LifeLossSoftReset(gym.Wrapper):
         self.lives = self.env.unwrapped.ale.lives()
         return obs, info
 
-
 def is_atari(env_id):
     try:
         return str(gym.spec(env_id).entry_point).startswith("ale_py")
     except gym.error.Error:
         return False
-
 
 def make_env(args, train):
     """One env yielding single uint8 RGB frames (3, 64, 64); episode statistics count whole games, raw score."""
@@ -274,15 +259,12 @@ def make_env(args, train):
         if train and args.life_loss_terminal:
             env = LifeLossSoftReset(env)  # 3. evaluation plays whole games
     else:
-        env = gym.wrappers.RecordEpisodeStatistics(env)
-        env = gym.wrappers.ResizeObservation(env, size)
+        env = gym.wrappers.ResizeObservation(gym.wrappers.RecordEpisodeStatistics(env), size)
         if len(space.shape) == 2:
             env = gym.wrappers.TransformObservation(env, lambda o: np.repeat(o[..., None], 3, -1),
                                                     gym.spaces.Box(0, 255, (*size, 3), np.uint8))
     # 4. channels first: (H, W, 3) -> (3, H, W)
-    new_space = gym.spaces.Box(0, 255, (3, *size), np.uint8)
-    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o, -1, 0), new_space)
-
+    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o, -1, 0), gym.spaces.Box(0, 255, (3, *size), np.uint8))
 
 # Random and human scores of the 26 Atari 100k games (SPR's table, as in both official repos).
 ATARI_100K_SCORES = {
@@ -296,24 +278,16 @@ ATARI_100K_SCORES = {
     "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
 }
 
-
 def human_normalized_score(env_id, score):
     """(score - random) / (human - random) for the 26 games, else None."""
     game = re.sub(r"(NoFrameskip|Deterministic)?-v\d+$", "", env_id.split("/")[-1])
-    if game not in ATARI_100K_SCORES:
-        return None
-    random_score, human_score = ATARI_100K_SCORES[game]
-    return (score - random_score) / (human_score - random_score)
+    random_score, human_score = ATARI_100K_SCORES.get(game, (None, None))
+    return None if random_score is None else (score - random_score) / (human_score - random_score)
 
-
-# ------------------------------------------------------------------------------------------------
-# Replay: every frame stored once as uint8; episodes are sampled uniformly, then a window inside one.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Replay: every frame stored once as uint8; episodes are sampled uniformly, then a window inside one. ---------
 class Replay:
     """obs[i] is the frame before action[i]; reward/end[i] are what action[i] led to. In training an episode
     is one life (official), and the frame after an end is the first frame of the next episode."""
-
     def __init__(self, capacity, frame_shape, seed):
         self.frames = np.zeros((capacity + 1, *frame_shape), np.uint8)
         self.episode_start = np.zeros(capacity + 1, np.int64)  # index of the first frame of each frame's episode
@@ -323,13 +297,11 @@ class Replay:
         self.size, self.rng = 0, np.random.default_rng(seed)
 
     def add_frame(self, frame, first):
-        i = self.size
-        self.frames[i] = frame
-        self.episode_start[i] = i if first else self.episode_start[i - 1]
+        self.frames[self.size] = frame
+        self.episode_start[self.size] = self.size if first else self.episode_start[self.size - 1]
 
     def add_step(self, action, reward, terminated, truncated):
-        i = self.size
-        self.actions[i], self.rewards[i], self.ends[i] = action, reward, terminated or truncated
+        self.actions[self.size], self.rewards[self.size], self.ends[self.size] = action, reward, terminated or truncated
         self.size += 1
 
     def segments(self, batch, length, from_start, device):
@@ -340,30 +312,21 @@ class Replay:
         stops = np.append(starts[1:], self.size)  # episode e has steps starts[e] .. stops[e]-1 (ongoing one too)
         episode = self.rng.integers(len(starts), size=batch)
         start, stop = starts[episode, None], stops[episode, None]
-        if from_start:
-            first = start + self.rng.integers(0, stop - start)
-        else:
-            first = start + self.rng.integers(1, stop - start + 1) - length
+        first = start + (self.rng.integers(0, stop - start) if from_start else self.rng.integers(1, stop - start + 1) - length)
         index = first + np.arange(length)  # (batch, length)
         mask = (index >= start) & (index < stop)
         index = index.clip(0, self.size - 1)
         to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-        return (to(self.frames[index]), to(self.actions[index]), to(self.rewards[index]), to(self.ends[index]),
-                to(mask))
+        return tuple(to(x) for x in (self.frames[index], self.actions[index], self.rewards[index], self.ends[index], mask))
 
     def recent(self, length):
         """The `length` frames before the current one in its episode (collector burn-in), left-padded."""
         index = self.size - length + np.arange(length)
         return self.frames[index.clip(0)], index >= self.episode_start[self.size]
 
-
-# ------------------------------------------------------------------------------------------------
-# Discrete autoencoder: VQGAN-style encoder/decoder (taming-transformers, time embedding removed)
-# ------------------------------------------------------------------------------------------------
+# ---- Discrete autoencoder: VQGAN-style encoder/decoder (taming-transformers, time embedding removed) -------------
 def Normalize(c: int) -> nn.GroupNorm:
-    # official: 32 groups; gcd keeps narrow (tiny) widths divisible
-    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)
-
+    return nn.GroupNorm(math.gcd(32, c), c, eps=1e-6)  # official: 32 groups; gcd keeps narrow (tiny) widths divisible
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin: int, cout: int):
@@ -375,14 +338,11 @@ class ResnetBlock(nn.Module):
     def forward(self, x):
         return self.skip(x) + self.net(x)
 
-
 class AttnBlock(nn.Module):
     """Single-head self-attention over the h*w positions of a feature map."""
-
     def __init__(self, c: int):
         super().__init__()
-        self.norm = Normalize(c)
-        self.qkv = nn.Conv2d(c, 3 * c, 1)  # equivalent to three 1x1 convs q, k, v
+        self.norm, self.qkv = Normalize(c), nn.Conv2d(c, 3 * c, 1)  # qkv: equivalent to three 1x1 convs q, k, v
         self.proj_out = nn.Conv2d(c, c, 1)
 
     def forward(self, x):
@@ -391,35 +351,18 @@ class AttnBlock(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(C)) v
         return x + self.proj_out(y.squeeze(1).transpose(1, 2).reshape(B, C, H, W))
 
+def Downsample(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(c, c, 3, stride=2))  # pad right/bottom only, as in taming
 
-class Downsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, stride=2)
-
-    def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # pad right/bottom only, as in taming
-
-
-class Upsample(nn.Module):
-    def __init__(self, c: int):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
+def Upsample(c: int) -> nn.Sequential:
+    return nn.Sequential(nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, c, 3, padding=1))
 
 def _level(cin: int, cout: int, n_blocks: int, attn: bool) -> list[nn.Module]:
-    layers = []
-    for i in range(n_blocks):
-        layers += [ResnetBlock(cin if i == 0 else cout, cout)] + ([AttnBlock(cout)] if attn else [])
-    return layers
-
+    return [m for i in range(n_blocks)  # residual blocks, each followed by self-attention if `attn`
+            for m in [ResnetBlock(cin if i == 0 else cout, cout)] + ([AttnBlock(cout)] if attn else [])]
 
 class Encoder(nn.Sequential):
     """(B, 3, 64, 64) in [-1, 1] -> (B, z_channels, 4, 4)."""
-
     def __init__(self, a: Args):
         chs = [a.tok_ch * m for m in (1,) + tuple(a.tok_ch_mult)]
         layers, res = [nn.Conv2d(3, chs[0], 3, padding=1)], 64
@@ -433,10 +376,8 @@ class Encoder(nn.Sequential):
         layers += [Normalize(c), nn.SiLU(), nn.Conv2d(c, a.tok_z_channels, 3, padding=1)]
         super().__init__(*layers)
 
-
 class Decoder(nn.Sequential):
     """(B, z_channels, 4, 4) -> (B, 3, 64, 64) in [-1, 1] space (unbounded)."""
-
     def __init__(self, a: Args):
         chs = [a.tok_ch * m for m in a.tok_ch_mult][::-1]  # coarsest level first
         c, res = chs[0], 64 // 2 ** (len(chs) - 1)
@@ -450,15 +391,12 @@ class Decoder(nn.Sequential):
         layers += [Normalize(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
         super().__init__(*layers)
 
-
 def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
     """Forward value z_q, backward identity to z (the decoder's gradient is copied to the encoder)."""
     return z + (z_q - z).detach()
 
-
 class Tokenizer(nn.Module):
     """VQ autoencoder: uint8 frame (3, 64, 64) <-> 16 tokens in [0, vocab)."""
-
     def __init__(self, a: Args):
         super().__init__()
         self.encoder, self.decoder = Encoder(a), Decoder(a)
@@ -506,38 +444,29 @@ class Tokenizer(nn.Module):
         """uint8 (..., 3, 64, 64) -> reconstruction float (..., 3, 64, 64) in [0, 1] (what the policy sees)."""
         return self.decode(self.encode(frames)[0])
 
-
 def tokenizer_loss(tokenizer: Tokenizer, frames: torch.Tensor, beta: float):
     """VQ loss + reconstruction loss on uint8 frames (B, 3, 64, 64). Returns (total, components)."""
     _, z, z_q = tokenizer.encode(frames)
     codebook = (z.detach() - z_q).pow(2).mean()  # moves the codes towards the encoder outputs
     commitment = (z - z_q.detach()).pow(2).mean()  # keeps the encoder close to its codes
-    x = frames.float() / 255 * 2 - 1
-    err = tokenizer.decode_latent(straight_through(z, z_q)) - x  # (B, 3, 64, 64) in [-1, 1] space
+    err = tokenizer.decode_latent(straight_through(z, z_q)) - (frames.float() / 255 * 2 - 1)  # (B, 3, 64, 64), [-1, 1]
     # official: L1 + LPIPS (VGG16 weights downloaded at run time). We use Delta-IRIS's LPIPS-free recipe
     # from the same authors: 0.1 L1 + L2 + 0.01 * worst-pixel squared error (keeps small sprites alive).
     recon = 0.1 * err.abs().mean() + err.pow(2).mean() + 0.01 * err.pow(2).flatten(1).max(1).values.mean()
-    total = codebook + beta * commitment + recon
-    return total, {"codebook": codebook, "commitment": commitment, "reconstruction": recon}
+    return codebook + beta * commitment + recon, {"codebook": codebook, "commitment": commitment, "reconstruction": recon}
 
-
-# ------------------------------------------------------------------------------------------------
-# World model: a minGPT over [z_1^1..z_1^16, a_1, z_2^1, ..., a_L] (17 tokens per timestep)
-# ------------------------------------------------------------------------------------------------
+# ---- World model: a minGPT over [z_1^1..z_1^16, a_1, z_2^1, ..., a_L] (17 tokens per timestep) -------------------
 class KVCache:
     """Preallocated keys/values of every layer, (B, nh, max_tokens, hs), for token-by-token decoding."""
-
     def __init__(self, num_layers: int, B: int, nh: int, max_tokens: int, hs: int, device, dtype):
         self.k = torch.zeros(num_layers, B, nh, max_tokens, hs, device=device, dtype=dtype)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0  # tokens already stored; also the position of the next token
+        self.v, self.length = torch.zeros_like(self.k), 0  # length: tokens stored, also the next token's position
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         assert end <= self.k.shape[3], "context overflow: imagine_horizon must be <= wm_sequence_length"
         self.k[layer, :, :, self.length:end], self.v[layer, :, :, self.length:end] = k, v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]  # (B, nh, S, hs), S = past + new
-
 
 class SelfAttention(nn.Module):
     def __init__(self, d: int, nh: int, dropout: float):
@@ -557,7 +486,6 @@ class SelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
 
-
 class Block(nn.Module):
     def __init__(self, d: int, nh: int, dropout: float):
         super().__init__()
@@ -568,26 +496,19 @@ class Block(nn.Module):
         x = x + self.attn(self.ln1(x), cache, layer)  # pre-LN
         return x + self.mlp(self.ln2(x))
 
-
 def head(d: int, out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, out))
 
-
 class WorldModel(nn.Module):
-    """GPT predicting next frame tokens, reward sign and termination.
-
-    In-block position j = 0..15 holds frame token j, position 16 the action. Heads read:
-    obs at j = 0..14 (predicts frame token j+1) and j = 16 (predicts token 0 of the next frame);
-    reward (3 classes: sign(r)+1) and end (2 classes) at j = 16 only. Position 15 predicts nothing.
-    """
-
+    """GPT predicting next frame tokens, reward sign and termination. In-block position j = 0..15 holds frame token
+    j, position 16 the action. Heads read: obs at j = 0..14 (predicts frame token j+1) and j = 16 (predicts token 0
+    of the next frame); reward (3 classes: sign(r)+1) and end (2 classes) at j = 16 only. Position 15 predicts nothing."""
     def __init__(self, a: Args, num_actions: int):
         super().__init__()
         d, self.K = a.wm_embed_dim, TOKENS_PER_FRAME
         self.tokens_per_block, self.max_tokens = self.K + 1, (self.K + 1) * a.wm_sequence_length
         self.obs_emb, self.act_emb = nn.Embedding(a.tok_vocab_size, d), nn.Embedding(num_actions, d)
-        self.pos_emb = nn.Embedding(self.max_tokens, d)
-        self.drop = nn.Dropout(a.wm_dropout)
+        self.pos_emb, self.drop = nn.Embedding(self.max_tokens, d), nn.Dropout(a.wm_dropout)
         self.blocks = nn.ModuleList(Block(d, a.wm_num_heads, a.wm_dropout) for _ in range(a.wm_num_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head_obs, self.head_reward, self.head_end = head(d, a.tok_vocab_size), head(d, 3), head(d, 2)
@@ -601,15 +522,12 @@ class WorldModel(nn.Module):
             nn.init.zeros_(m.bias)
 
     def new_cache(self, B: int) -> KVCache:
-        blk = self.blocks[0].attn
-        p = self.pos_emb.weight
+        blk, p = self.blocks[0].attn, self.pos_emb.weight
         return KVCache(len(self.blocks), B, blk.nh, self.max_tokens, p.shape[1] // blk.nh, p.device, p.dtype)
 
     def forward(self, tokens: torch.Tensor, cache: Optional[KVCache] = None):
-        """tokens (B, T) of interleaved frame/action ids, starting at position cache.length (or 0).
-
-        Returns logits at the head positions: obs (B, T_obs, N), reward (B, T_act, 3), end (B, T_act, 2).
-        """
+        """tokens (B, T) of interleaved frame/action ids, starting at position cache.length (or 0). Returns logits
+        at the head positions: obs (B, T_obs, N), reward (B, T_act, 3), end (B, T_act, 2)."""
         B, T = tokens.shape
         start = cache.length if cache is not None else 0
         pos = torch.arange(start, start + T, device=tokens.device)
@@ -626,18 +544,12 @@ class WorldModel(nn.Module):
         has_obs_head = pos % self.tokens_per_block != self.K - 1
         return self.head_obs(x[:, has_obs_head]), self.head_reward(x[:, is_act]), self.head_end(x[:, is_act])
 
-
 def world_model_labels(obs_tokens, rewards, ends, mask):
-    """Targets for a segment. obs_tokens (B, L, 16), rewards/ends/mask (B, L); mask False = padded step.
-
-    Returns obs labels (B, 16 L - 1) = flatten(tokens)[1:], reward labels sign(r)+1 and end labels (B, L),
-    all -100 (ignored by cross-entropy) on padded steps.
-    """
-    obs = obs_tokens.masked_fill(~mask[..., None], -100).flatten(1)[:, 1:]
-    reward = (torch.sign(rewards) + 1).long().masked_fill(~mask, -100)
-    end = ends.long().masked_fill(~mask, -100)
-    return obs, reward, end
-
+    """Targets for a segment. obs_tokens (B, L, 16), rewards/ends/mask (B, L); mask False = padded step. Returns
+    obs labels (B, 16 L - 1) = flatten(tokens)[1:], reward labels sign(r)+1 and end labels (B, L), all -100
+    (ignored by cross-entropy) on padded steps."""
+    return (obs_tokens.masked_fill(~mask[..., None], -100).flatten(1)[:, 1:],
+            (torch.sign(rewards) + 1).long().masked_fill(~mask, -100), ends.long().masked_fill(~mask, -100))
 
 def world_model_loss(world_model: WorldModel, tokenizer: Tokenizer, frames, actions, rewards, ends, mask):
     """frames uint8 (B, L, 3, 64, 64), actions (B, L), rewards/ends/mask (B, L). Returns (total, components)."""
@@ -651,18 +563,13 @@ def world_model_loss(world_model: WorldModel, tokenizer: Tokenizer, frames, acti
           for lg, lb in zip((obs_logits, reward_logits, end_logits), labels)]
     return sum(ce), {"obs": ce[0], "reward": ce[1], "end": ce[2]}
 
-
 def adamw_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on Linear weights only; embeddings, biases and LayerNorms are not decayed."""
     decay = [m.weight for m in module.modules() if isinstance(m, nn.Linear)]
-    decay_ids = {id(p) for p in decay}
-    rest = [p for p in module.parameters() if id(p) not in decay_ids]
+    rest = [p for p in module.parameters() if all(p is not q for q in decay)]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
-
-# ------------------------------------------------------------------------------------------------
-# Actor-critic: CNN + LSTM on reconstructed frames
-# ------------------------------------------------------------------------------------------------
+# ---- Actor-critic: CNN + LSTM on reconstructed frames ------------------------------------------------------------
 class ActorCritic(nn.Module):
     def __init__(self, num_actions: int, lstm_dim: int, channels=(32, 32, 64, 64)):
         super().__init__()
@@ -670,13 +577,11 @@ class ActorCritic(nn.Module):
         for cout in channels:  # 64 -> 32 -> 16 -> 8 -> 4
             layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
             cin = cout
-        self.cnn = nn.Sequential(*layers, nn.Flatten())  # (B, 64*4*4 = 1024)
-        self.lstm = nn.LSTMCell(cin * 16, lstm_dim)
+        self.cnn, self.lstm = nn.Sequential(*layers, nn.Flatten()), nn.LSTMCell(cin * 16, lstm_dim)  # (B, 64*4*4) in
         self.actor, self.critic = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
 
     def initial_state(self, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.zeros(B, self.lstm.hidden_size, device=device)
-        return h, torch.zeros_like(h)
+        return torch.zeros(B, self.lstm.hidden_size, device=device), torch.zeros(B, self.lstm.hidden_size, device=device)
 
     def forward(self, frames: torch.Tensor, state):
         """frames float (B, 3, 64, 64) in [0, 1] -> logits (B, A), value (B,), new (h, c)."""
@@ -690,14 +595,10 @@ class ActorCritic(nn.Module):
         features = self.cnn(frames.flatten(0, 1) * 2 - 1).view(B, T, -1)  # CNN batched over time
         for t in range(T):
             h_new, c_new = self.lstm(features[:, t], (h, c))
-            m = mask[:, t, None]
-            h, c = torch.where(m, h_new, h), torch.where(m, c_new, c)
+            h, c = torch.where(mask[:, t, None], h_new, h), torch.where(mask[:, t, None], c_new, c)
         return h, c
 
-
-# ------------------------------------------------------------------------------------------------
-# Losses and returns
-# ------------------------------------------------------------------------------------------------
+# ---- Losses and returns ------------------------------------------------------------------------------------------
 def lambda_returns(rewards, values, ends, gamma: float, lam: float) -> torch.Tensor:
     """(B, H) -> (B, H). Lambda_{H-1} = V_{H-1};
     Lambda_t = r_t + gamma (1 - d_t) [(1 - lam) V_{t+1} + lam Lambda_{t+1}]."""
@@ -706,7 +607,6 @@ def lambda_returns(rewards, values, ends, gamma: float, lam: float) -> torch.Ten
     for t in reversed(range(values.shape[1] - 1)):
         returns.append(rewards[:, t] + gamma * cont[:, t] * ((1 - lam) * values[:, t + 1] + lam * returns[-1]))
     return torch.stack(returns[::-1], dim=1)
-
 
 def actor_critic_loss(imagined: dict, gamma: float, lam: float, entropy_coef: float):
     """REINFORCE with baseline sg(V), entropy bonus and value MSE, over the first H-1 imagined steps."""
@@ -717,7 +617,6 @@ def actor_critic_loss(imagined: dict, gamma: float, lam: float, entropy_coef: fl
     value = (values - returns).pow(2).mean()
     return policy + entropy + value, {"actor": policy, "entropy": entropy, "critic": value}
 
-
 def update(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
     """One gradient step with grad-norm clipping; returns the pre-clip norm (a tensor, no sync)."""
     optimizer.zero_grad(set_to_none=True)
@@ -726,13 +625,9 @@ def update(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tens
     optimizer.step()
     return grad_norm
 
-
-# ------------------------------------------------------------------------------------------------
-# Imagination: roll the policy out inside the world model (batched, KV-cached)
-# ------------------------------------------------------------------------------------------------
+# ---- Imagination: roll the policy out inside the world model (batched, KV-cached) --------------------------------
 def sample(logits: torch.Tensor) -> torch.Tensor:
     return Categorical(logits=logits).sample()  # temperature 1, never argmax
-
 
 @torch.no_grad()
 def world_model_step(world_model: WorldModel, tokenizer: Tokenizer, cache: KVCache, action, decode: bool = True):
@@ -747,7 +642,6 @@ def world_model_step(world_model: WorldModel, tokenizer: Tokenizer, cache: KVCac
         if k < world_model.K - 1:
             tokens.append(sample(obs_logits[:, -1]))
     return reward, end, tokenizer.decode(torch.stack(tokens, dim=1))  # one batched decode (B, 3, 64, 64)
-
 
 def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCritic, frames, mask, horizon: int):
     """frames uint8 (B, burn_in + 1, 3, 64, 64), left-padded (mask (B, burn_in + 1) False on padding),
@@ -773,11 +667,7 @@ def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCr
             out[k].append(v)
     return {k: torch.stack(v, dim=1) for k, v in out.items()}
 
-
-# ------------------------------------------------------------------------------------------------
-# Acting and evaluation.
-# ------------------------------------------------------------------------------------------------
-
+# ---- Acting and evaluation. --------------------------------------------------------------------------------------
 @torch.no_grad()
 def act(tokenizer, actor_critic, frames, state, temperature, epsilon, device):
     """The policy sees reconstructions, in the real env too (official): a ~ softmax(logits / T), replaced by a
@@ -790,44 +680,100 @@ def act(tokenizer, actor_critic, frames, state, temperature, epsilon, device):
     actions = torch.where(explore, torch.randint_like(actions, logits.shape[-1]), actions)
     return actions.cpu().numpy(), state
 
-
-def evaluate(args, policy, episodes, seed, lockstep=16):
-    """Whole games after 1 no-op, raw score. Up to `lockstep` envs play together and all finish before new
-    ones start, so short games are not favoured (official: 8 envs in training, 25 for the final score)."""
+def evaluate(args, policy, episodes, seed, video=None, lockstep=16):
+    """Whole games after 1 no-op, raw score. Up to `lockstep` envs play together and all finish before new ones
+    start, so short games are not favoured (official: 8 envs in training, 25 for the final score). A list `video`
+    receives the first game's frames."""
     returns = []
     while len(returns) < episodes:
         envs = [make_env(args, train=False) for _ in range(min(lockstep, episodes - len(returns)))]
         frames = np.stack([env.reset(seed=seed + len(returns) + i)[0] for i, env in enumerate(envs)])
         scores, done, state = np.zeros(len(envs)), np.zeros(len(envs), bool), None
+        record = video.append if video is not None and not returns else lambda frame: None  # the first game only
+        record(frames[0].copy())
         while not done.all():
             actions, state = policy(frames, state)
             for i in np.flatnonzero(~done):
                 frames[i], reward, terminated, truncated, _ = envs[i].step(actions[i])
                 scores[i] += reward
                 done[i] = terminated or truncated
+                if i == 0:
+                    record(frames[0].copy())
         returns += scores.tolist()
         for env in envs:
             env.close()
     return np.array(returns)
 
+# ---- Dreams: what the world model imagines next to what really happened. ----------------------------------------
+@torch.no_grad()
+def dream(tokenizer, world_model, replay, args, step, sequences=4):
+    """Rows of a dream image for random windows of real play, each in one episode: real frames, reconstructions, the
+    open-loop dream driven by the real actions (real tokens for `context` frames, then its own), |real - dream|."""
+    context = max(2, min(16, args.wm_sequence_length) // 4)
+    n = min(16, args.wm_sequence_length, np.bincount(replay.episode_start[:replay.size]).max())  # fits in an episode
+    starts = np.flatnonzero(replay.episode_start[n - 1:replay.size] <= np.arange(replay.size - n + 1))  # in one
+    index = np.random.default_rng(step).choice(starts, sequences)[:, None] + np.arange(n)  # frames s .. s+n-1
+    frames, actions = (torch.as_tensor(x, device=tokenizer.codebook.weight.device) for x in (replay.frames[index],
+                                                                                             replay.actions[index]))
+    real_text = [[f"a={a} r={r:+g}" + " end" * int(e) for a, r, e in zip(*row)]  # what really followed each frame
+                 for row in zip(replay.actions[index], replay.rewards[index], replay.ends[index])]
+    tokens = tokenizer.encode(frames)[0]  # (S, n, 16)
+    recon, dream_text = tokenizer.decode(tokens), [["context"] * context for _ in range(sequences)]
+    with torch.random.fork_rng():  # seeded by `step`, and training's RNG is left alone
+        torch.manual_seed(step)
+        cache, dreamt = world_model.new_cache(sequences), [recon[:, :context]]  # the context: real tokens and actions
+        world_model(torch.cat([tokens[:, :context], actions[:, :context, None]], 2).flatten(1)[:, :-1], cache)
+        for t in range(context - 1, n):  # feed a_t, sample r_t and d_t of the step from frame t, and frame t+1
+            reward, end, frame = world_model_step(world_model, tokenizer, cache, actions[:, t], decode=t < n - 1)
+            dreamt += [frame[:, None]] if t < n - 1 else []
+            for s, (r, e) in enumerate(zip(reward.tolist(), end.tolist()) if t >= context else []):
+                dream_text[s].append(f"dream\nr={r:+.0f}" + " end" * int(e))
+    real, imagined = frames.float() / 255, torch.cat(dreamt, 1)
+    rows = torch.stack([real, recon, imagined, (real - imagined).abs()], 1)  # (S, 4, n, 3, H, W) in [0, 1]
+    title = [f"IRIS dream at step {step}: {sequences} random windows of real play, each in one episode. Rows: real "
+             "(a = action taken, r = reward, end), reconstruction, dream, |real - dream|. Dream: green = context",
+             "(its real tokens fed in), red = imagined from its own sampled tokens and the real actions; r = predicted "
+             "reward sign of the step from the frame, end = predicted episode end."]
+    return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
 
-# ------------------------------------------------------------------------------------------------
-# Training: each component has its own batches, optimiser and start epoch (official trainer).
-# ------------------------------------------------------------------------------------------------
+def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
+    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture (frames scaled up so the text fits); write it to
+    runs/<run>/dreams/<step>.png and to TensorBoard."""
+    S, R, n, size = *rows.shape[:3], rows.shape[-1] * scale
+    cells = (rows * 255).round().byte().expand(-1, -1, -1, 3, -1, -1).permute(0, 1, 2, 4, 5, 3).cpu().numpy()
+    cell_w, cell_h, left, top = size + 8, size + 34, 120, 18 * len(title) + 8
+    image = np.full((top + S * (R * cell_h + 12), left + n * cell_w, 3), 48, np.uint8)  # RGB, grey between frames
+    text = lambda s, x, y, color=(255, 255, 255): cv2.putText(  # noqa: E731
+        image, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1, cv2.LINE_AA)
+    for i, line in enumerate(title):
+        text(line, 4, 16 + 18 * i)
+    for s, r, t in np.ndindex(S, R, n):
+        x, y = left + t * cell_w + 4, top + s * (R * cell_h + 12) + r * cell_h + 4
+        image[y:y + size, x:x + size] = cells[s, r, t].repeat(scale, 0).repeat(scale, 1)
+        color = ((80, 220, 80) if t < context else (255, 80, 80)) if r == 2 else (255, 255, 255)
+        if r == 2:
+            cv2.rectangle(image, (x - 3, y - 3), (x + size + 2, y + size + 2), color, 2)
+        for i, line in enumerate(captions[s][r][t].split("\n")):
+            text(line, x, y + size + 14 + 13 * i, color)
+        if t == 0:
+            text(f"{s + 1}: " + ("real", "reconstruction", "dream", "|real - dream|")[r], 4, y + size // 2)
+    os.makedirs(os.path.join(run_dir, "dreams"), exist_ok=True)
+    cv2.imwrite(os.path.join(run_dir, "dreams", f"{step:07d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    writer.add_image("dreams", image, step, dataformats="HWC")
+    return image
 
+# ---- Training: each component has its own batches, optimiser and start epoch (official trainer). -----------------
 def train_tokenizer(tokenizer, optimizer, replay, args, device):
     frames = replay.segments(args.tok_batch_size, 1, True, device)[0][:, 0]  # (B, 3, 64, 64) single frames
     loss, parts = tokenizer_loss(tokenizer, frames, args.tok_beta)
     update(tokenizer, optimizer, loss, args.tok_grad_clip)
     return dict(observation_model=loss, **parts)
 
-
 def train_world_model(world_model, tokenizer, optimizer, replay, args, device):
     batch = replay.segments(args.wm_batch_size, args.wm_sequence_length, True, device)
     loss, parts = world_model_loss(world_model, tokenizer, *batch)
     update(world_model, optimizer, loss, args.wm_grad_clip)
     return dict(dynamics_model=loss, next_tokens=parts["obs"], reward=parts["reward"], end=parts["end"])
-
 
 def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, args, device):
     frames, _, _, _, mask = replay.segments(args.ac_batch_size, args.burn_in + 1, False, device)
@@ -837,12 +783,10 @@ def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, 
     entropy = imagined["entropies"].detach().mean() / math.log(actor_critic.actor.out_features)
     return dict(actor=parts["actor"], critic=parts["critic"], entropy_bonus=parts["entropy"], policy_entropy=entropy)
 
-
 def log_metrics(writer, metrics, step):
-    """Write the losses of one gradient step (the only place they leave the device)."""
+    """Write the losses of one gradient step, floats from `finite` (the only place they leave the device)."""
     for name, value in metrics.items():
-        writer.add_scalar(f"charts/{name}" if name == "policy_entropy" else f"losses/{name}", float(value.detach()), step)
-
+        writer.add_scalar(f"charts/{name}" if name == "policy_entropy" else f"losses/{name}", value, step)
 
 def log_evaluation(writer, args, returns, step):
     mean, std = float(returns.mean()), float(returns.std())
@@ -853,12 +797,60 @@ def log_evaluation(writer, args, returns, step):
         writer.add_scalar("eval/human_normalized_score", hns, step)
     return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
 
+# ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. -----------------------
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # all RNGs a run draws from
+        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+
+def save_checkpoint(path, args, models, optimizers, replay, env, losses, counters):
+    """Networks, optimisers, the filled part of the replay, every RNG, the last (finite) losses and the training env
+    itself (cloudpickle: gymnasium's wrappers hold lambdas), via a temporary file: a crash never leaves half a file."""
+    ale = is_atari(args.env_id) and (env.unwrapped.clone_state(include_rng=True), env.unwrapped.np_random, env.action_space)
+    checkpoint = dict(script="iris", args=asdict(args), models=[m.state_dict() for m in models], losses=losses,
+                      optimizers=[o.state_dict() for o in optimizers], rng=[get() for get, _ in RNGS], env=env,
+                      replay={k: v[:replay.size + 1] if isinstance(v, np.ndarray) else v for k, v in vars(replay).items()},
+                      ale=ale, counters=counters)
+    torch.save(checkpoint, path + ".tmp", pickle_module=cloudpickle)
+    os.replace(path + ".tmp", path)
+
+def open_run(args):
+    """The run's flags, folder and checkpoint, or one line naming the problem: --resume goes on in the checkpoint's
+    folder with its flags; --eval-checkpoint takes its networks and env protocol, and this command's eval flags."""
+    path = args.resume or args.eval_checkpoint
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False) if path else None
+    except Exception as error:  # missing, or truncated or foreign: unpickling can fail anywhere
+        fail(f"cannot read checkpoint {path} ({type(error).__name__}); pass the intact checkpoint.pt of a run, "
+             f"runs/<run-name>/checkpoint.pt")
+    script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
+    if path and script != "iris":
+        fail(f"{path} is not a checkpoint of iris.py" + (f" but of {script}.py; pass it to {script}.py" if script else ""))
+    if args.resume:
+        return Args(**checkpoint["args"]), os.path.dirname(os.path.abspath(path)), checkpoint
+    if args.eval_checkpoint and (game := checkpoint["args"]["env_id"]) != args.env_id:
+        fail(f"{path} is a checkpoint of {game}, not of --env-id {args.env_id}; pass --env-id {game}")
+    if checkpoint:
+        args = replace(Args(**checkpoint["args"]), eval_checkpoint=path, run_name=args.run_name, device=args.device,
+                       eval_episodes=args.eval_episodes, capture_video=args.capture_video)
+    name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__iris__{args.seed}__{int(time.time())}"
+    run_dir = os.path.join("runs", name)
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        fail(f"{run_dir} already holds a run; pass another --run-name, or continue it with --resume {run_dir}/checkpoint.pt")
+    return args, run_dir, checkpoint
+
+def finite(metrics, update, run_dir, problem=None):
+    """The losses as floats (one device sync). A non-finite one (or another `problem`) stops the run before it is
+    logged or saved, naming the last good checkpoint."""
+    values = {name: float(value.detach()) for name, value in metrics.items()}
+    problem = problem or next((f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)), 0)
+    if problem:
+        last = os.path.join(run_dir, "checkpoint.pt")
+        fail(f"{problem}; stopped without writing a checkpoint (last good one: {last if os.path.exists(last) else 'none'}); "
+             f"try smaller learning rates")
+    return values
 
 if __name__ == "__main__":
-    args = parse_args()
-    run_name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__iris__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", run_name)
-
+    args, run_dir, checkpoint = open_run(parse_args())
+    resuming = checkpoint is not None and not args.eval_checkpoint
     # TRY NOT TO MODIFY: seeding and device
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -868,7 +860,6 @@ if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # CUDA only; CPU is fp32
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
-
     env = make_env(args, train=True)
     num_actions = int(env.action_space.n)
     protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
@@ -879,10 +870,10 @@ if __name__ == "__main__":
                     observation=f"{env.observation_space.shape} uint8", reward="raw r stored, sign(r) predicted",
                     eval_policy=f"reconstructed frames, actions sampled at temperature {args.eval_temperature}")
     print(f"protocol: {json.dumps(protocol)}")
-    writer = SummaryWriter(run_dir)
+    writer = SummaryWriter(run_dir, purge_step=resuming and 1 + max(checkpoint["counters"][1],  # drop events after it
+                           (checkpoint["counters"][0] - 1) * args.collect_steps_per_epoch) or None)  # (losses: epoch x)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
     writer.add_text("protocol", json.dumps(protocol))
-
     # ALGO LOGIC: models and optimisers (official: Adam, AdamW with decay on Linear weights only, Adam)
     tokenizer = Tokenizer(args).to(device).eval()
     world_model = WorldModel(args, num_actions).to(device).eval()
@@ -890,6 +881,7 @@ if __name__ == "__main__":
     tok_opt = torch.optim.Adam(tokenizer.parameters(), args.tok_lr)
     wm_opt = torch.optim.AdamW(adamw_param_groups(world_model, args.wm_weight_decay), args.wm_lr)
     ac_opt = torch.optim.Adam(actor_critic.parameters(), args.ac_lr)
+    models, optimizers = (tokenizer, world_model, actor_critic), (tok_opt, wm_opt, ac_opt)
     if args.compile:
         tokenizer.encoder, tokenizer.decoder = torch.compile(tokenizer.encoder), torch.compile(tokenizer.decoder)
     replay = Replay(args.total_timesteps, env.observation_space.shape, args.seed)
@@ -901,63 +893,104 @@ if __name__ == "__main__":
         (actor_critic, args.ac_start_after, args.ac_steps_per_epoch,
          lambda: train_actor_critic(actor_critic, tokenizer, world_model, ac_opt, replay, args, device)),
     ]
-
-    obs, _ = env.reset(seed=args.seed)
-    env.action_space.seed(args.seed)
-    replay.add_frame(obs, first=True)
-    start_time, global_step, gradient_steps = time.time(), 0, [0, 0, 0]
+    if checkpoint:  # the run goes on (or is evaluated) exactly where the checkpoint left it
+        for module, saved in zip((*models, *optimizers), checkpoint["models"] + checkpoint["optimizers"]):
+            module.load_state_dict(saved)
+        vars(replay).update({k: np.concatenate([v, getattr(replay, k)[len(v):]]) if isinstance(v, np.ndarray) else v
+                             for k, v in checkpoint["replay"].items()})  # the arrays hold the filled part only
+        for (_, set_state), saved in zip(RNGS, checkpoint["rng"]):
+            set_state(saved)
+        env.close()
+        env, epoch, global_step, gradient_steps, wall_seconds, state = checkpoint["env"], *checkpoint["counters"]
+        if checkpoint["ale"]:  # an unpickled ALE env starts afresh: its emulator state and RNGs come back too
+            ale_state, env.unwrapped.np_random, env.unwrapped.action_space = checkpoint["ale"]
+            env.unwrapped.restore_state(ale_state)
+        obs, state = replay.frames[replay.size], state and tuple(h.to(device) for h in state)  # the LSTM mid-collection
+    else:
+        obs, _ = env.reset(seed=args.seed)
+        env.action_space.seed(args.seed)
+        replay.add_frame(obs, first=True)
+        epoch, global_step, gradient_steps, wall_seconds, state = 1, 0, [0, 0, 0], 0.0, None
+    start_time, metrics, stop = time.time() - (wall_seconds if resuming else 0), [{}, {}, {}], []
+    path = os.path.join(run_dir, "checkpoint.pt")
+    save = lambda: save_checkpoint(  # noqa: E731  (`epoch` is the epoch to enter on --resume)
+        path, args, models, optimizers, replay, env, [finite(m, n, run_dir) for m, n in zip(metrics, gradient_steps)],
+        (epoch, global_step, gradient_steps, time.time() - start_time, state))
+    for signum in (signal.SIGINT, signal.SIGTERM) if not args.eval_checkpoint else ():  # save at a step boundary
+        signal.signal(signum, lambda signum, _: sys.exit(128 + signum) if stop else stop.append(signum))  # 2nd: quit
     policy = lambda frames, state: act(tokenizer, actor_critic, frames, state, args.eval_temperature, 0.0, device)  # noqa
-    progress = tqdm(range(1, args.epochs + 1), desc="iris epochs", dynamic_ncols=True)
-    for epoch in progress:
-        # ALGO LOGIC: collect with the current policy; its LSTM is warmed up on the ongoing episode (official)
-        collect = min(args.collect_steps_per_epoch, args.total_timesteps - global_step)
-        if collect > 0:
-            recent, mask = replay.recent(args.burn_in)
-            with torch.no_grad():
-                state = actor_critic.burn_in(tokenizer.encode_decode(torch.as_tensor(recent, device=device))[None],
-                                             torch.as_tensor(mask, device=device)[None])
-        for _ in range(collect):
-            action, state = act(tokenizer, actor_critic, obs[None], state, args.collect_temperature,
-                                args.collect_epsilon, device)
-            obs, reward, terminated, truncated, info = env.step(action[0])
-            replay.add_step(action[0], reward, terminated, truncated)
-            global_step += 1
-            if "episode" in info:  # whole games, raw score
-                writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
-                writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
-            if terminated or truncated:
-                obs, _ = env.reset()
-                state = None
-            replay.add_frame(obs, first=terminated or truncated)
-
-        # ALGO LOGIC: tokenizer, world model, actor-critic, each after its start epoch; eval mode in between
-        x_step = epoch * args.collect_steps_per_epoch  # keeps advancing in the training-only epochs
-        for i, (module, start_after, steps, train_step) in enumerate(components):
-            if epoch <= start_after:
-                continue
-            module.train()
-            for _ in range(steps):
-                with autocast:
-                    metrics = train_step()
-                gradient_steps[i] += 1
-                if gradient_steps[i] % args.log_every == 0:
-                    log_metrics(writer, metrics, x_step)
-            module.eval()
-        sps = int(global_step / (time.time() - start_time))
-        writer.add_scalar("charts/SPS", sps, global_step)
+    x_step, last_epoch = (epoch - 1) * args.collect_steps_per_epoch, epoch - 1 if args.eval_checkpoint else args.epochs
+    progress = tqdm(desc="iris epochs", total=last_epoch, initial=epoch - 1, dynamic_ncols=True)
+    while epoch <= last_epoch:  # --eval-checkpoint: no training
+        try:
+            # ALGO LOGIC: collect with the current policy; its LSTM is warmed up on the ongoing episode (official)
+            collect_from, collect_until = (min(e * args.collect_steps_per_epoch, args.total_timesteps) for e in (epoch - 1, epoch))
+            if global_step == collect_from < collect_until:  # (a run resumed mid-collection has its LSTM state)
+                recent, mask = replay.recent(args.burn_in)
+                with torch.no_grad():
+                    state = actor_critic.burn_in(tokenizer.encode_decode(torch.as_tensor(recent, device=device))[None],
+                                                 torch.as_tensor(mask, device=device)[None])
+            while global_step < collect_until and not stop:
+                action, state = act(tokenizer, actor_critic, obs[None], state, args.collect_temperature,
+                                    args.collect_epsilon, device)
+                obs, reward, terminated, truncated, info = env.step(action[0])
+                replay.add_step(action[0], reward, terminated, truncated)
+                global_step += 1
+                if "episode" in info:  # whole games, raw score
+                    writer.add_scalar("charts/episodic_return", info["episode"]["r"], global_step)
+                    writer.add_scalar("charts/episodic_length", info["episode"]["l"], global_step)
+                if terminated or truncated:
+                    obs, _ = env.reset()
+                    state = None
+                replay.add_frame(obs, first=terminated or truncated)
+            # ALGO LOGIC: tokenizer, world model, actor-critic, each after its start epoch; eval mode in between
+            x_step = epoch * args.collect_steps_per_epoch  # keeps advancing in the training-only epochs
+            for i, (module, start_after, steps, train_step) in enumerate(components):
+                module.train()
+                while gradient_steps[i] < steps * max(0, epoch - start_after) and not stop:  # resumable mid-epoch
+                    with autocast:
+                        metrics[i] = train_step()
+                    gradient_steps[i] += 1
+                    if gradient_steps[i] % args.log_every == 0:
+                        log_metrics(writer, finite(metrics[i], gradient_steps[i], run_dir), x_step)
+                module.eval()
+        except ValueError as error:  # NaN outputs fail a torch.distributions check before a loss can be looked at
+            if "found invalid values" not in str(error):
+                raise
+            finite({}, 0, run_dir, f"a network output NaN in epoch {epoch}")
+        if stop:  # Ctrl-C or SIGTERM: stop at this boundary; --resume re-enters this epoch
+            break
+        if args.video_every and epoch > args.wm_start_after and (epoch - args.wm_start_after) % args.video_every == 0:
+            write_dream_image(writer, run_dir, x_step, *dream(tokenizer, world_model, replay, args, x_step))
+        writer.add_scalar("charts/SPS", sps := int(global_step / (time.time() - start_time)), global_step)
         progress.set_postfix(SPS=sps, steps=global_step)
-        if collect > 0 and global_step // args.eval_every > (global_step - collect) // args.eval_every \
-                and global_step < args.total_timesteps:
-            returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 10_000 + global_step)
+        progress.update()
+        if collect_from < global_step < args.total_timesteps and global_step // args.eval_every > collect_from // args.eval_every:
+            returns = evaluate(args, policy, args.interim_eval_episodes, seed=args.seed + 10_000 + global_step)
             progress.write(f"global_step={global_step}, eval_return={returns.mean():.2f}")
             log_evaluation(writer, args, returns, global_step)
-
-    returns = evaluate(args, policy, args.final_eval_episodes, seed=args.seed + 1_000_000)
-    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=args.total_timesteps,
-                   eval_episodes=args.final_eval_episodes, **log_evaluation(writer, args, returns, x_step),
-                   wall_seconds=round(time.time() - start_time, 1))
-    if summary["human_normalized_score"] is None:
-        del summary["human_normalized_score"]
+        epoch += 1
+        if args.save_every and collect_from < global_step and global_step // args.save_every > collect_from // args.save_every:
+            save()
+    if not args.eval_checkpoint:  # the end of the run, or an interruption: a checkpoint to resume or evaluate
+        save()
+    if stop:
+        print(f"\ninterrupted: checkpoint saved to {path}; resume with --resume {path}")  # below the progress bar
+        sys.exit(128 + stop[0])
+    stop.append(0)  # from here on a signal quits at once
+    if args.eval_checkpoint:
+        write_dream_image(writer, run_dir, x_step, *dream(tokenizer, world_model, replay, args, x_step))
+    video = [] if args.capture_video else None
+    returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 1_000_000, video=video)
+    if video:  # the first game, each pixel a 4x4 block, as an MP4 (mp4v codec)
+        os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
+        mp4 = cv2.VideoWriter(os.path.join(run_dir, "videos", "eval.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 15, (256, 256))
+        for frame in video:  # RGB (3, 64, 64)
+            mp4.write(cv2.cvtColor(frame.transpose(1, 2, 0).repeat(4, 0).repeat(4, 1), cv2.COLOR_RGB2BGR))
+        mp4.release()
+    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step, eval_episodes=args.eval_episodes,
+                   **log_evaluation(writer, args, returns, x_step), wall_seconds=round(time.time() - start_time, 1))
+    summary = {key: value for key, value in summary.items() if value is not None}  # a normalised score: 26 games only
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))

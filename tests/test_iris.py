@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +287,7 @@ def test_bad_env_stops_with_one_line(env_id, message):
 
 def run_script(tmp_path, *flags, timeout, suffix=""):
     run = f"test_{tmp_path.name}{suffix}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)  # a folder that holds a run is refused
     subprocess.run([sys.executable, "iris.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
                    stdout=subprocess.DEVNULL)
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
@@ -302,7 +306,7 @@ def test_tiny_preset_tokenizer_and_world_model_learn_catch(tmp_path):
     # What the tiny preset is shown to learn on this CPU: the tokenizer and the world model. The actor-critic
     # does not yet learn Catch within the CPU budget (see the README and issue notes).
     run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--epochs", "14",
-               "--total-timesteps", "1400", "--ac-start-after", "14", "--log-every", "5", "--final-eval-episodes", "5",
+               "--total-timesteps", "1400", "--ac-start-after", "14", "--log-every", "5", "--eval-episodes", "5",
                timeout=470)
     logged = scalars(ROOT / "runs" / f"test_{tmp_path.name}")
     first, last = (lambda tag: np.mean(logged[tag][:3]), lambda tag: np.mean(logged[tag][-3:]))
@@ -315,7 +319,7 @@ def test_tiny_preset_tokenizer_and_world_model_learn_catch(tmp_path):
 def test_end_to_end_on_real_pong_writes_summary(tmp_path):
     summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "200",
                          "--epochs", "3", "--tok-steps-per-epoch", "2", "--wm-steps-per-epoch", "2",
-                         "--ac-steps-per-epoch", "2", "--ac-start-after", "2", "--final-eval-episodes", "1",
+                         "--ac-steps-per-epoch", "2", "--ac-start-after", "2", "--eval-episodes", "1",
                          timeout=290)
     assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
                             "eval_return_std", "wall_seconds", "human_normalized_score"}
@@ -334,9 +338,192 @@ def logged_losses(run):
 def test_same_seed_same_losses(tmp_path):
     flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "300", "--epochs", "3", "--tok-steps-per-epoch", "4",
                  "--wm-steps-per-epoch", "4", "--ac-steps-per-epoch", "4", "--ac-start-after", "2",
-                 "--log-every", "2", "--final-eval-episodes", "2"]
+                 "--log-every", "2", "--eval-episodes", "2"]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
     assert len(first) >= 6 and all(len(values) >= 2 for values in first.values())
     assert first == second
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, resume, interruption, --eval-checkpoint, non-finite losses, dream images.
+# ------------------------------------------------------------------------------------------------
+
+SHORT = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--tok-start-after", "0", "--wm-start-after", "1",
+         "--ac-start-after", "2", "--tok-steps-per-epoch", "3", "--wm-steps-per-epoch", "3", "--ac-steps-per-epoch", "3",
+         "--log-every", "1", "--eval-episodes", "2"]
+
+
+def iris_cli(*flags, timeout=120):
+    """iris.py in a subprocess; its CompletedProcess, output as text."""
+    return subprocess.run([sys.executable, "iris.py", *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def losses(run_dir):
+    """{tag: [(step, value)]} of the losses/ scalars a run wrote, in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+            if tag.startswith("losses/")}
+
+
+def resume_copy(checkpoint, name):
+    """A fresh run folder holding `checkpoint`; returns the path of its checkpoint.pt."""
+    folder = ROOT / "runs" / name
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir()
+    torch.save(checkpoint, folder / "checkpoint.pt", pickle_module=iris.cloudpickle)
+    return folder / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    """The end checkpoint of a 2-epoch tiny Catch run (tokenizer and world model trained)."""
+    tmp_path = tmp_path_factory.mktemp("iris_checkpoint")
+    run_script(tmp_path, *SHORT, "--epochs", "2", "--total-timesteps", "200", timeout=120)
+    return ROOT / "runs" / f"test_{tmp_path.name}" / "checkpoint.pt"
+
+
+@pytest.mark.timeout(240)
+def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
+    # The end checkpoint of a 3-epoch run is the state after epoch 3 of the same run made 4 epochs long (--epochs and
+    # --total-timesteps change nothing before its end, and the end checkpoint is written before the final
+    # evaluation). Resumed with 4 epochs, it must log exactly the losses of the 4-epoch run.
+    full = run_script(tmp_path, *SHORT, "--epochs", "4", "--total-timesteps", "400", timeout=120, suffix="_full")
+    run_script(tmp_path, *SHORT, "--epochs", "3", "--total-timesteps", "300", timeout=120, suffix="_first")
+    checkpoint = torch.load(ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False)
+    assert checkpoint["counters"][:3] == (4, 300, [9, 6, 3])  # epoch to enter, agent steps, gradient steps
+    checkpoint["args"].update(epochs=4, total_timesteps=400)
+    path = resume_copy(checkpoint, f"test_{tmp_path.name}_resumed")
+    result = iris_cli("--resume", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = {tag: [(step, value) for step, value in values if step > 300]
+                for tag, values in losses(ROOT / "runs" / f"test_{tmp_path.name}_full").items()}
+    assert len(expected) >= 9 and all(len(values) == 3 for values in expected.values())  # 3 steps of each component
+    assert losses(path.parent) == expected
+    assert json.loads((path.parent / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
+    # Wherever SIGTERM lands (collection or a component's gradient steps), the resumed run continues the
+    # uninterrupted one: its losses are the tail of the full run's.
+    flags = [*SHORT, "--epochs", "4", "--total-timesteps", "400"]
+    run_script(tmp_path, *flags, timeout=120, suffix="_full")
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    process = subprocess.Popen([sys.executable, "iris.py", *flags, "--run-name", run], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith("protocol:")  # then the networks, the replay and the handlers
+    time.sleep(5)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume" in stdout
+    checkpoint = torch.load(ROOT / "runs" / run / "checkpoint.pt", weights_only=False)
+    assert checkpoint["script"] == "iris" and "Traceback" not in stderr
+    path = resume_copy(checkpoint, f"{run}_resumed")
+    result = iris_cli("--resume", str(path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    full, resumed = losses(ROOT / "runs" / f"{run}_full"), losses(path.parent)
+    assert resumed and all(full[tag][-len(values):] == values for tag, values in resumed.items()), checkpoint["counters"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags, message", [
+    (["--tok-lr", "1e30"], "error: loss observation_model is nan at update 2; stopped without writing a checkpoint "
+                           "(last good one: none)"),  # caught where the losses are logged
+    (["--ac-lr", "1e30", "--save-every", "100"], "error: a network output NaN in epoch 3; stopped without writing a "
+                                                 "checkpoint (last good one: runs/"),  # caught in torch.distributions
+], ids=["logged loss", "network output"])
+def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message):
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    result = iris_cli(*SHORT, "--epochs", "4", "--total-timesteps", "400", "--run-name", run, *flags)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    path = ROOT / "runs" / run / "checkpoint.pt"
+    assert not path.exists() if "none" in message else torch.load(path, weights_only=False)["counters"][:2] == (3, 200)
+
+
+@pytest.mark.timeout(240)
+def test_eval_checkpoint_writes_summary_dream_and_video(tmp_path, checkpoint_path):
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    result = iris_cli("--eval-checkpoint", str(checkpoint_path), "--env-id", "tests.catch:Catch-v0",
+                      "--eval-episodes", "3", "--capture-video", "--run-name", run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads((ROOT / "runs" / run / "summary.json").read_text())
+    assert summary["eval_episodes"] == 3 and summary["total_timesteps"] == 200 and summary["env_id"].endswith("Catch-v0")
+    assert set(summary) == {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
+                            "eval_return_std", "wall_seconds"}  # no human_normalized_score: not an Atari game
+    import cv2
+    assert cv2.imread(str(ROOT / "runs" / run / "dreams" / "0000200.png")) is not None
+    video = cv2.VideoCapture(str(ROOT / "runs" / run / "videos" / "eval.mp4"))
+    ok, frame = video.read()
+    assert ok and frame.shape == (256, 256, 3) and video.get(cv2.CAP_PROP_FRAME_COUNT) == 8  # a 7-step game
+    assert not (ROOT / "runs" / run / "checkpoint.pt").exists()  # no training, no checkpoint
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
+    ("truncated", "cannot read checkpoint"),
+    ("other script", "is not a checkpoint of iris.py but of twm.py; pass it to twm.py"),
+    ("other game", "is a checkpoint of tests.catch:Catch-v0, not of --env-id PongNoFrameskip-v4; pass --env-id"),
+    ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
+])
+def test_checkpoint_problems_stop_with_one_line(tmp_path, checkpoint_path, problem, message):
+    path, flags = tmp_path / "checkpoint.pt", ["--eval-checkpoint"]
+    if problem == "truncated":
+        data = checkpoint_path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif problem == "other script":
+        torch.save({"script": "twm", "args": {}}, path)
+    elif problem in ("other game", "run exists"):
+        path = checkpoint_path
+    if problem != "other game":
+        flags = ["--env-id", "tests.catch:Catch-v0", "--eval-checkpoint" if problem != "missing" else "--resume"]
+    if problem == "run exists":
+        flags = ["--run-name", checkpoint_path.parent.name, *flags]
+    result = iris_cli(*flags, str(path), timeout=60)
+    assert result.returncode == 1 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.timeout(60)
+def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path, args):
+    env = iris.make_env(iris.parse_args(["--env-id", "tests.catch:Catch-v0"]), train=True)
+    replay = iris.Replay(60, env.observation_space.shape, 0)
+    replay.add_frame(env.reset(seed=0)[0], first=True)
+    for _ in range(60):  # random play: 7-step episodes
+        action = env.action_space.sample()
+        obs, reward, terminated, truncated, _ = env.step(action)
+        replay.add_step(action, reward, terminated, truncated)
+        replay.add_frame(env.reset()[0] if terminated or truncated else obs, first=terminated or truncated)
+    tokenizer, world_model = iris.Tokenizer(args).eval(), iris.WorldModel(args, NUM_ACTIONS).eval()
+    torch.nn.init.normal_(tokenizer.codebook.weight)  # untrained, yet distinct codes and actions that matter
+    torch.nn.init.normal_(world_model.act_emb.weight, std=3.0)
+    torch.nn.init.normal_(world_model.head_obs[-1].weight)  # peaked next-token distributions
+    rows, captions, context, title = iris.dream(tokenizer, world_model, replay, args, step=7)
+    assert rows.shape == (4, 4, 7, 3, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
+    torch.testing.assert_close(rows[:, 2, :context], rows[:, 1, :context])  # context: the reconstructions
+    assert captions[0][2][:2] == ["context"] * 2 and captions[0][2][2].startswith("dream\nr=")
+    again, _, _, _ = iris.dream(tokenizer, world_model, replay, args, step=7)
+    torch.testing.assert_close(again, rows)  # seeded by the step
+    replay.actions[:replay.size] = (replay.actions[:replay.size] + 1) % NUM_ACTIONS
+    changed, _, _, _ = iris.dream(tokenizer, world_model, replay, args, step=7)
+    torch.testing.assert_close(changed[:, :2], rows[:, :2])  # the same windows...
+    assert not torch.allclose(changed[:, 2, context:], rows[:, 2, context:])  # ...dreamt under other actions
+
+    from torch.utils.tensorboard import SummaryWriter
+    image = iris.write_dream_image(SummaryWriter(str(tmp_path)), str(tmp_path), 7, rows, captions, context, title)
+    cell_w, cell_h = 2 * 64 + 8, 2 * 64 + 34  # frames scaled 2x, a 2-line caption under each
+    assert image.shape == (18 * 2 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 2-line title
+    png = (tmp_path / "dreams" / "0000007.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import cv2
+    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dreams" / "0000007.png"))[..., ::-1], image)
