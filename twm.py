@@ -175,7 +175,6 @@ class Args:
     pretrain_ac_updates: int = 7000
     """actor-critic updates on real latent sequences of the prefill data"""
 
-
 # The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU; the small
 # networks also take 10x larger learning rates (measured: with 1e-4 they do not learn Catch within 3000 steps).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
@@ -289,7 +288,6 @@ def make_env(args, train):
     # 5. channels first: (H, W[, C]) -> (C, H, W)
     new_space = gym.spaces.Box(0, 255, (*(env.observation_space.shape[2:] or (1,)), *size), np.uint8)
     return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0), new_space)
-
 
 # Random and human scores of the 26 Atari 100k games (SPR's table, as in both official repos).
 ATARI_100K_SCORES = {
@@ -714,9 +712,8 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
             h, memory = dyn.step(r_in, z_t, actions[:, t], eid, eid, memory)
             log_p, reward, discount_logit = dyn.predict(h)  # for the step from frame t: ẑ_{t+1}, r̂_t, γ̂_t
             dreamt.append(z_t)
-            for s, (r, g) in enumerate(zip(reward.tolist(), torch.sigmoid(discount_logit).tolist())):
-                if t >= context:
-                    dream_text[s].append(f"dream\nr={r:+.2f} " + ("end" if g < 0.5 else f"g={g:.2f}"))
+            for s, (r, g) in enumerate(zip(reward.tolist(), torch.sigmoid(discount_logit).tolist()) if t >= context else []):
+                dream_text[s].append(f"dream\nr={r:+.2f} " + ("end" if g < 0.5 else f"g={g:.2f}"))
     dyn.train()  # its mode between updates
     decode = lambda z_: obs_model.decode(z_)[:, :, -1:].clamp(0, 1)  # noqa: E731  the newest frame of each stack
     real, imagined = stacks[:, :-1, -1:].float() / 255, decode(torch.stack(dreamt, 1))
@@ -841,7 +838,7 @@ def open_run(args):
              f"runs/<run-name>/checkpoint.pt")
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if path and script != "twm":
-        fail(f"{path} is not a twm.py checkpoint" + (f" but an {script}.py one; pass it to {script}.py" if script else ""))
+        fail(f"{path} is not a checkpoint of twm.py" + (f" but of {script}.py; pass it to {script}.py" if script else ""))
     if args.resume:
         return Args(**checkpoint["args"]), os.path.dirname(os.path.abspath(path)), checkpoint
     if args.eval_checkpoint and (game := checkpoint["args"]["env_id"]) != args.env_id:
@@ -855,18 +852,15 @@ def open_run(args):
         fail(f"{run_dir} already holds a run; pass another --run-name, or continue it with --resume {run_dir}/checkpoint.pt")
     return args, run_dir, checkpoint
 
-def diverged(what, run_dir):
-    """Stop a run whose training produced a non-finite number, naming its last good checkpoint."""
-    last = os.path.join(run_dir, "checkpoint.pt")
-    fail(f"{what}; stopped without writing a checkpoint (last good one: {last if os.path.exists(last) else 'none'}); "
-         f"try smaller learning rates")
-
-def finite(metrics, update, run_dir):
-    """The losses as floats (one device sync); a non-finite one stops the run before it is logged or saved."""
+def finite(metrics, update, run_dir, problem=None):
+    """The losses as floats (one device sync). A non-finite one (or another `problem`) stops the run before it is
+    logged or saved, naming the last good checkpoint."""
     values = {name: float(value.detach()) for name, value in metrics.items()}
-    for name, value in values.items():
-        if not math.isfinite(value):
-            diverged(f"loss {name} is {value} at update {update}", run_dir)
+    problem = problem or next((f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)), 0)
+    if problem:
+        last = os.path.join(run_dir, "checkpoint.pt")
+        fail(f"{problem}; stopped without writing a checkpoint (last good one: {last if os.path.exists(last) else 'none'}); "
+             f"try smaller learning rates")
     return values
 
 if __name__ == "__main__":
@@ -963,7 +957,7 @@ if __name__ == "__main__":
         except ValueError as error:  # NaN outputs fail a torch.distributions check before a loss can be looked at
             if "found invalid values" not in str(error):
                 raise
-            diverged(f"a network output NaN in {'pretraining' if updates == 0 else f'update {updates + 1}'}", run_dir)
+            finite({}, 0, run_dir, f"a network output NaN in {'pretraining' if updates == 0 else f'update {updates + 1}'}")
         if global_step % 100 == 0:
             writer.add_scalar("charts/SPS", sps := int(global_step / (time.time() - start_time)), global_step)
             progress.set_postfix(SPS=sps, updates=updates)

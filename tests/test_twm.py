@@ -427,7 +427,7 @@ def test_eval_checkpoint_writes_summary_dream_and_video(tmp_path, checkpoint_pat
 @pytest.mark.parametrize("problem, message", [
     ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
     ("truncated", "cannot read checkpoint"),
-    ("other script", "is not a twm.py checkpoint but an iris.py one; pass it to iris.py"),
+    ("other script", "is not a checkpoint of twm.py but of iris.py; pass it to iris.py"),
     ("other game", "is a checkpoint of tests.catch:Catch-v0, not of --env-id PongNoFrameskip-v4; pass --env-id"),
     ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
 ])
