@@ -172,13 +172,14 @@ class Args:
 
 # The tiny preset keeps every mechanism (K = 16 tokens per frame included) and shrinks widths, batches,
 # steps per epoch and the segment length (8 steps cover a 7-step Catch episode); its small networks take
-# larger learning rates.
+# larger learning rates, and its GPT no dropout (as in Delta-IRIS; measured on Catch with a trained tokenizer:
+# next-token CE 0.46 instead of 0.96 after 600 updates, reward sign right for 98% instead of 77% of last steps).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20, video_every=11,
             tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
             tok_embed_dim=32, tok_lr=1e-3, tok_batch_size=32,
-            wm_num_layers=2, wm_num_heads=4, wm_embed_dim=64, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
-            ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8, ac_lr=1e-3,
-            ac_batch_size=16, epochs=35, collect_steps_per_epoch=100, tok_start_after=1, wm_start_after=2,
+            wm_num_layers=2, wm_num_heads=4, wm_embed_dim=64, wm_dropout=0.0, wm_sequence_length=8, wm_lr=1e-3,
+            wm_batch_size=16, ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8,
+            ac_lr=1e-3, ac_batch_size=16, epochs=35, collect_steps_per_epoch=100, tok_start_after=1, wm_start_after=2,
             ac_start_after=6, tok_steps_per_epoch=15, wm_steps_per_epoch=30, ac_steps_per_epoch=15)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 
