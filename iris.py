@@ -716,7 +716,7 @@ def dream(tokenizer, world_model, replay, args, step, sequences=4):
     index = np.random.default_rng(step).choice(starts, sequences)[:, None] + np.arange(n)  # frames s .. s+n-1
     frames, actions = (torch.as_tensor(x, device=tokenizer.codebook.weight.device) for x in (replay.frames[index],
                                                                                              replay.actions[index]))
-    real_text = [[f"a={a} r={r:+g}" + " end" * int(e) for a, r, e in zip(*row)]  # what really followed each frame
+    real_text = [[f"a={a} r={r + 0:+g}" + " end" * int(e) for a, r, e in zip(*row)]  # what really followed (+ 0: no "-0")
                  for row in zip(replay.actions[index], replay.rewards[index], replay.ends[index])]
     tokens = tokenizer.encode(frames)[0]  # (S, n, 16)
     recon, dream_text = tokenizer.decode(tokens), [["context"] * context for _ in range(sequences)]

@@ -700,7 +700,7 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
     starts = np.flatnonzero(replay.episode_start[n - 1:replay.size] <= np.arange(replay.size - n + 1))  # in one
     starts = np.random.default_rng(step).choice(starts, sequences)  # frames s .. s+n-1
     stacks, actions, rewards, terminated, truncated = replay.sequences(starts + 1, n - 1, dyn.z_head[-1].weight.device)
-    real_text = [[f"a={a} r={r:+.2f}" + " end" * e for a, r, e in zip(*row)]  # what really followed each frame
+    real_text = [[f"a={a} r={r + 0:+.2f}" + " end" * e for a, r, e in zip(*row)]  # what really followed (+ 0: no "-0")
                  for row in zip(actions.tolist(), rewards.tolist(), (terminated | truncated).tolist())]
     z, dream_text = mode_z(obs_model.encode(stacks[:, :-1])), [["context"] * context for _ in starts]  # z (S, n, 1024)
     dyn.eval()
