@@ -65,7 +65,7 @@ class Args:
     eval_checkpoint: Optional[str] = None
     """a checkpoint.pt to evaluate (--eval-episodes games, a dream image, --capture-video) instead of training"""
     video_every: int = 25
-    """a dream image to runs/<run>/dreams/ and TensorBoard after every this many epochs with a trained world model"""
+    """a dream image (runs/<run>/dreams/, TensorBoard) after every this many epochs with a trained world model; 0: never"""
     capture_video: bool = False
     """save the first game of the final evaluation (and of --eval-checkpoint) as runs/<run>/videos/eval.mp4"""
     compile: bool = False
