@@ -298,8 +298,7 @@ ATARI_100K_SCORES = {
     "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5),
     "KungFuMaster": (258.5, 22736.3), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
     "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0),
-    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2),
-}
+    "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2)}
 
 def human_normalized_score(env_id, score):
     """(score - random) / (human - random) for the 26 games, else None."""

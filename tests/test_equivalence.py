@@ -1,7 +1,8 @@
 """The optimised paths of both scripts against plain reference paths written here, on the same inputs.
 
 Each fast path (scaled_dot_product_attention with the relative-position term as a bias, the key/value cache,
-the CNN batched over burn-in frames) must give the numbers of the textbook computation it replaces.
+the CNN batched over burn-in frames, the tokenizer run in slices of frames, in-place residual blocks) must give
+the numbers of the textbook computation it replaces.
 """
 
 import os
@@ -65,7 +66,7 @@ def test_iris_attention_with_cache_equals_plain_causal_attention():
         cache.length = past
         out = attn(x_new, cache, 0)  # 3 new tokens against 6 cached ones
         x = torch.cat([x_past, x_new], 1)
-        q, k, v = (f(x).view(B, past + T, nh, d // nh).transpose(1, 2) for f in (attn.query, attn.key, attn.value))
+        q, k, v = (t.view(B, past + T, nh, d // nh).transpose(1, 2) for t in attn.qkv(x).chunk(3, -1))
         scores = q @ k.transpose(-1, -2) / (d // nh) ** 0.5  # (B, nh, S, S)
         causal = torch.ones(past + T, past + T, dtype=torch.bool).tril()
         y = plain_softmax_attention(scores, causal, v)[:, :, past:]  # the rows of the new tokens
@@ -86,3 +87,30 @@ def test_iris_batched_burn_in_equals_a_frame_by_frame_loop():
                 if mask[row, t]:
                     _, _, state = ac(frames[row, t][None], state)
             assert torch.allclose(h[row], state[0][0], atol=1e-5) and torch.allclose(c[row], state[1][0], atol=1e-5)
+
+
+def test_iris_tokenizer_in_slices_equals_one_pass(monkeypatch):
+    torch.manual_seed(0)
+    tokenizer = iris.Tokenizer(iris.Args(**iris.TINY)).eval()
+    frames = torch.randint(0, 256, (19, 3, 64, 64), dtype=torch.uint8)  # 19 = 2 full slices of 8 and one of 3
+    with torch.no_grad():
+        tokens, z, _ = tokenizer.encode(frames)
+        decoded = tokenizer.decode(tokens)
+        monkeypatch.setattr(iris, "FRAMES_PER_PASS", len(frames))  # reference: the whole batch in one pass
+        tokens_ref, z_ref, _ = tokenizer.encode(frames)
+        decoded_ref = tokenizer.decode(tokens_ref)
+    assert torch.allclose(z, z_ref, atol=1e-5) and torch.equal(tokens, tokens_ref)
+    assert torch.allclose(decoded, decoded_ref, atol=1e-5)
+
+
+def test_iris_in_place_resnet_block_equals_the_textbook_block():
+    torch.manual_seed(0)
+    for cin, cout in ((8, 8), (8, 16)):  # identity shortcut and 1x1 "nin" shortcut
+        block, x = iris.ResnetBlock(cin, cout), torch.randn(2, cin, 8, 8, requires_grad=True)
+        norm1, _, conv1, norm2, _, conv2 = block.net
+        silu = torch.nn.functional.silu
+        reference = block.skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))  # out-of-place everywhere
+        grad_ref, = torch.autograd.grad(reference.square().sum(), x)
+        out = block(x)
+        grad, = torch.autograd.grad(out.square().sum(), x)
+        assert torch.allclose(out, reference, atol=1e-6) and torch.allclose(grad, grad_ref, atol=1e-5)
