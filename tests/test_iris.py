@@ -182,6 +182,17 @@ def test_actor_critic_loss_ignores_last_step():
     assert torch.all(values.grad[:, -1] == 0)  # V_{H-1} only bootstraps (detached)
 
 
+def test_actor_critic_loss_masks_steps_after_the_first_imagined_end():
+    ends = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # row 0 ends at step 1
+    for mask_after_end, counted in ((True, [[1, 1, 0, 0], [1, 1, 1, 1]]), (False, [[1, 1, 1, 1], [1, 1, 1, 1]])):
+        log_probs = torch.randn(2, 5, requires_grad=True)
+        imagined = dict(log_probs=log_probs, entropies=torch.rand(2, 5), values=torch.randn(2, 5),
+                        rewards=torch.randn(2, 5), ends=ends)
+        loss, _ = iris.actor_critic_loss(imagined, 0.99, 0.95, 0.001, mask_after_end)
+        loss.backward()
+        assert torch.equal((log_probs.grad[:, :-1] != 0).long(), torch.tensor(counted)), mask_after_end
+
+
 def test_burn_in_respects_mask():
     torch.manual_seed(0)
     ac = iris.ActorCritic(NUM_ACTIONS, 32)
@@ -302,17 +313,14 @@ def scalars(run_dir):
 
 
 @pytest.mark.timeout(480)
-def test_tiny_preset_tokenizer_and_world_model_learn_catch(tmp_path):
-    # What the tiny preset is shown to learn on this CPU: the tokenizer and the world model. The actor-critic
-    # does not yet learn Catch within the CPU budget (see the README and issue notes).
-    run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--epochs", "14",
-               "--total-timesteps", "1400", "--ac-start-after", "14", "--log-every", "5", "--eval-episodes", "5",
-               timeout=470)
+def test_tiny_preset_learns_catch(tmp_path):
+    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=470)
     logged = scalars(ROOT / "runs" / f"test_{tmp_path.name}")
     first, last = (lambda tag: np.mean(logged[tag][:3]), lambda tag: np.mean(logged[tag][-3:]))
-    assert last("losses/reconstruction") < 0.5 * first("losses/reconstruction"), logged["losses/reconstruction"]
-    assert last("losses/next_tokens") < 0.7 * first("losses/next_tokens"), logged["losses/next_tokens"]
-    assert last("losses/end") < 0.5 * first("losses/end"), logged["losses/end"]
+    assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged["losses/reconstruction"]
+    assert last("losses/next_tokens") < 0.2 * first("losses/next_tokens"), logged["losses/next_tokens"]
+    # optimum +1, uniformly random policy about -0.5; the tiny preset reached +0.16 to +0.28 in three seeds (README)
+    assert summary["eval_return_mean"] >= -0.1, summary
 
 
 @pytest.mark.timeout(300)
@@ -527,3 +535,14 @@ def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path, args):
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     import cv2
     np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dreams" / "0000007.png"))[..., ::-1], image)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--imagine-horizon", "30"], "--imagine-horizon 30 must be at most --wm-sequence-length 8"),
+    (["--tok-stop-after", "1"], "--tok-stop-after 1 must be 0 (never stop) or above --tok-start-after 1"),
+    (["--total-timesteps", "0"], "must be positive"),
+])
+def test_bad_flag_value_stops_with_one_line(flags, message):
+    result = iris_cli("--preset", "tiny", "--env-id", "tests.catch:Catch-v0", *flags, timeout=60)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
