@@ -206,8 +206,7 @@ def parse_args(argv=None):
     if args.tok_stop_after < 0 or 0 < args.tok_stop_after <= args.tok_start_after:
         fail(f"--tok-stop-after {args.tok_stop_after} must be 0 (never stop) or above --tok-start-after {args.tok_start_after}")
     if args.imagine_horizon > args.wm_sequence_length:
-        fail(f"--imagine-horizon {args.imagine_horizon} must be at most --wm-sequence-length "
-             f"{args.wm_sequence_length}: the whole imagined trajectory must fit in the GPT's context")
+        fail(f"--imagine-horizon {args.imagine_horizon} must be at most --wm-sequence-length {args.wm_sequence_length} (context)")
     return args
 
 # ---- Environment: IRIS's Atari 100k protocol, built from gymnasium's wrappers plus the one it lacks. -------------
@@ -228,8 +227,7 @@ class LifeLossSoftReset(gym.Wrapper):
             obs, _, terminated, truncated, info = self.env.step(0)
             if terminated or truncated:
                 obs, info = self.env.reset(**kwargs)
-        self.game_over = False
-        self.lives = self.env.unwrapped.ale.lives()
+        self.game_over, self.lives = False, self.env.unwrapped.ale.lives()
         return obs, info
 
 def is_atari(env_id):
@@ -300,6 +298,7 @@ class Replay:
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)  # raw rewards (official); their sign is predicted
         self.ends = np.zeros(capacity, bool)  # terminated or truncated (official: not told apart)
+        self.tokens = np.full((capacity + 1, TOKENS_PER_FRAME), -1, np.int16)  # kept once the tokenizer stops; -1: not yet
         self.size, self.rng = 0, np.random.default_rng(seed)
 
     def add_frame(self, frame, first):
@@ -310,9 +309,10 @@ class Replay:
         self.actions[self.size], self.rewards[self.size], self.ends[self.size] = action, reward, terminated or truncated
         self.size += 1
 
-    def segments(self, batch, length, from_start, device):
+    def segments(self, batch, length, from_start, device, tokenizer=None, keep_tokens=False):
         """Uniform episodes (official: not timesteps), then `length` steps in one: from a uniform start, right-padded
-        (world model, tokenizer), or to a uniform end, left-padded (actor-critic). Padding: mask False (official: 0s)."""
+        (world model, tokenizer), or to a uniform end, left-padded (actor-critic). Padding: mask False (official: 0s).
+        A `tokenizer`'s tokens (B, L, 16) replace the frames; with `keep_tokens` (it no longer trains) encoded once each."""
         starts = np.flatnonzero(self.episode_start[:self.size] == np.arange(self.size))
         stops = np.append(starts[1:], self.size)  # episode e has steps starts[e] .. stops[e]-1 (ongoing one too)
         episode = self.rng.integers(len(starts), size=batch)
@@ -321,7 +321,12 @@ class Replay:
         index = first + np.arange(length)  # (batch, length)
         mask, index = (index >= start) & (index < stop), index.clip(0, self.size - 1)  # padding reads some real step
         to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-        return tuple(to(x) for x in (self.frames[index], self.actions[index], self.rewards[index], self.ends[index], mask))
+        with torch.no_grad():  # with a tokenizer: tokens (B, L, 16) instead of frames (B, L, 3, 64, 64)
+            if keep_tokens and len(new := np.unique(index[self.tokens[index, 0] < 0])):  # first use (padding too)
+                self.tokens[new] = tokenizer.encode(to(self.frames[new]))[0].cpu().numpy()
+            obs = (self.frames[index] if tokenizer is None else to(self.tokens[index]).long() if keep_tokens
+                   else tokenizer.encode_real(to(self.frames[index]), to(mask)))
+        return tuple(to(x) for x in (obs, self.actions[index], self.rewards[index], self.ends[index], mask))
 
     def recent(self, length):
         """The `length` frames before the current one in its episode (collector burn-in), left-padded."""
@@ -535,8 +540,7 @@ class WorldModel(nn.Module):
         """tokens (B, T) of interleaved frame/action ids, starting at position cache.length (or 0). Returns logits
         at the head positions: obs (B, T_obs, N), reward (B, T_act, 3), end (B, T_act, 2)."""
         B, T = tokens.shape
-        start = cache.length if cache is not None else 0
-        pos = torch.arange(start, start + T, device=tokens.device)
+        pos = torch.arange(T, device=tokens.device) + (cache.length if cache is not None else 0)  # absolute positions
         is_act = pos % self.tokens_per_block == self.K  # which table embeds each position
         x = torch.empty(B, T, self.pos_emb.embedding_dim, device=tokens.device, dtype=self.pos_emb.weight.dtype)
         x[:, ~is_act] = self.obs_emb(tokens[:, ~is_act])
@@ -556,10 +560,8 @@ def world_model_labels(obs_tokens, rewards, ends, mask):
     return (obs_tokens.masked_fill(~mask[..., None], -100).flatten(1)[:, 1:],
             (torch.sign(rewards) + 1).long().masked_fill(~mask, -100), ends.long().masked_fill(~mask, -100))
 
-def world_model_loss(world_model: WorldModel, tokenizer: Tokenizer, frames, actions, rewards, ends, mask):
-    """frames uint8 (B, L, 3, 64, 64), actions (B, L), rewards/ends/mask (B, L). Returns (total, components)."""
-    with torch.no_grad():  # tokens from the *current* tokenizer, recomputed every batch (never cached)
-        obs_tokens = tokenizer.encode_real(frames, mask)  # (B, L, 16); right padding is causally invisible
+def world_model_loss(world_model: WorldModel, obs_tokens, actions, rewards, ends, mask):
+    """obs_tokens (B, L, 16), actions/rewards/ends/mask (B, L); right padding is causally invisible. -> (total, parts)"""
     sequence = torch.cat([obs_tokens, actions[..., None]], dim=2).flatten(1)  # (B, 17 L)
     obs_logits, reward_logits, end_logits = world_model(sequence)
     labels = world_model_labels(obs_tokens, rewards, ends, mask)
@@ -577,11 +579,9 @@ def adamw_param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
 class ActorCritic(nn.Module):
     def __init__(self, num_actions: int, lstm_dim: int, channels=(32, 32, 64, 64)):
         super().__init__()
-        layers, cin = [], 3
-        for cout in channels:  # 64 -> 32 -> 16 -> 8 -> 4
-            layers += [nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
-            cin = cout
-        self.cnn, self.lstm = nn.Sequential(*layers, nn.Flatten()), nn.LSTMCell(cin * 16, lstm_dim)  # (B, 64*4*4) in
+        stages = [(nn.Conv2d(cin, cout, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()) for cin, cout in zip((3, *channels), channels)]
+        self.cnn = nn.Sequential(*[m for stage in stages for m in stage], nn.Flatten())  # 64 -> 32 -> 16 -> 8 -> 4
+        self.lstm = nn.LSTMCell(channels[-1] * 16, lstm_dim)  # (B, 64*4*4) in
         self.actor, self.critic = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
 
     def initial_state(self, B: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -650,17 +650,16 @@ def world_model_step(world_model: WorldModel, tokenizer: Tokenizer, cache: KVCac
             tokens.append(sample(obs_logits[:, -1]))
     return reward, end, tokenizer.decode(torch.stack(tokens, dim=1))  # one batched decode (B, 3, 64, 64)
 
-def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCritic, frames, mask, horizon: int):
-    """frames uint8 (B, burn_in + 1, 3, 64, 64), left-padded (mask False), the last one real; tokenizer and world model
+def imagine(tokenizer: Tokenizer, world_model: WorldModel, actor_critic: ActorCritic, tokens, mask, horizon: int):
+    """tokens (B, burn_in + 1, 16) of real frames, left-padded (mask False), the last one real; tokenizer and world model
     in eval mode (no dropout). Returns (B, H) tensors: log_probs, entropies, values (grad through the AC), rewards, ends."""
     tokenizer.eval()
     world_model.eval()
     with torch.no_grad():
-        tokens = tokenizer.encode_real(frames, mask)  # (B, burn_in + 1, 16)
-        recon = torch.zeros(frames.shape, device=frames.device)  # the policy only ever sees reconstructions
+        recon = torch.zeros(*mask.shape, 3, 64, 64, device=tokens.device)  # the policy only ever sees reconstructions
         recon[mask] = tokenizer.decode(tokens[mask])  # left padding stays black and is skipped by the burn-in
         state = actor_critic.burn_in(recon[:, :-1], mask[:, :-1])
-        cache = world_model.new_cache(len(frames))
+        cache = world_model.new_cache(len(tokens))
         world_model(tokens[:, -1], cache)  # the world model starts from the last real frame only (16 tokens)
     frame, out = recon[:, -1], {k: [] for k in ("log_probs", "entropies", "values", "rewards", "ends")}
     for t in range(horizon):
@@ -734,10 +733,9 @@ def dream(tokenizer, world_model, replay, args, step, sequences=4):
                 dream_text[s].append(f"dream\nr={r:+.0f}" + " end" * int(e))
     real, imagined = frames.float() / 255, torch.cat(dreamt, 1)
     rows = torch.stack([real, recon, imagined, (real - imagined).abs()], 1)  # (S, 4, n, 3, H, W) in [0, 1]
-    title = [f"IRIS dream at step {step}: {sequences} random windows of real play, each in one episode. Rows: real "
-             "(a = action taken, r = reward, end), reconstruction, dream, |real - dream|. Dream: green = context",
-             "(its real tokens fed in), red = imagined from its own sampled tokens and the real actions; r = predicted "
-             "reward sign of the step from the frame, end = predicted episode end."]
+    title = [f"IRIS dream at step {step}: {sequences} random windows of real play, each in one episode. Rows: real (a = "
+             "action taken, r = reward, end), reconstruction, dream, |real - dream|. Dream: green = context (real tokens fed in),",
+             "red = imagined from its own sampled tokens and the real actions; r = predicted reward sign of the step, end = end."]
     return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
 
 def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
@@ -773,15 +771,15 @@ def train_tokenizer(tokenizer, optimizer, replay, args, device):
     update(tokenizer, optimizer, loss, args.tok_grad_clip)
     return dict(observation_model=loss, **parts)
 
-def train_world_model(world_model, tokenizer, optimizer, replay, args, device):
-    batch = replay.segments(args.wm_batch_size, args.wm_sequence_length, True, device)
-    loss, parts = world_model_loss(world_model, tokenizer, *batch)
+def train_world_model(world_model, tokenizer, optimizer, replay, args, device, keep_tokens=False):
+    batch = replay.segments(args.wm_batch_size, args.wm_sequence_length, True, device, tokenizer, keep_tokens)
+    loss, parts = world_model_loss(world_model, *batch)
     update(world_model, optimizer, loss, args.wm_grad_clip)
     return dict(dynamics_model=loss, next_tokens=parts["obs"], reward=parts["reward"], end=parts["end"])
 
-def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, args, device):
-    frames, _, _, _, mask = replay.segments(args.ac_batch_size, args.burn_in + 1, False, device)
-    imagined = imagine(tokenizer, world_model, actor_critic, frames, mask, args.imagine_horizon)
+def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, args, device, keep_tokens=False):
+    tokens, _, _, _, mask = replay.segments(args.ac_batch_size, args.burn_in + 1, False, device, tokenizer, keep_tokens)
+    imagined = imagine(tokenizer, world_model, actor_critic, tokens, mask, args.imagine_horizon)
     loss, parts = actor_critic_loss(imagined, args.gamma, args.lam, args.entropy_coef, args.ac_mask_after_end)
     update(actor_critic, optimizer, loss, args.ac_grad_clip)
     entropy = imagined["entropies"].detach().mean() / math.log(actor_critic.actor.out_features)
@@ -889,13 +887,14 @@ if __name__ == "__main__":
     if args.compile:
         tokenizer.encoder, tokenizer.decoder = torch.compile(tokenizer.encoder), torch.compile(tokenizer.decoder)
     replay = Replay(args.total_timesteps, env.observation_space.shape, args.seed)
+    tokens_fixed = lambda: 0 < args.tok_stop_after < epoch  # noqa: E731  (after its last epoch: tokens kept per frame)
     components = [  # (module, trains in epochs start < epoch <= stop_after, steps per epoch, one gradient step)
         (tokenizer, args.tok_start_after, args.tok_stop_after or args.epochs, args.tok_steps_per_epoch,
          lambda: train_tokenizer(tokenizer, tok_opt, replay, args, device)),
         (world_model, args.wm_start_after, args.epochs, args.wm_steps_per_epoch,
-         lambda: train_world_model(world_model, tokenizer, wm_opt, replay, args, device)),
+         lambda: train_world_model(world_model, tokenizer, wm_opt, replay, args, device, tokens_fixed())),
         (actor_critic, args.ac_start_after, args.epochs, args.ac_steps_per_epoch,
-         lambda: train_actor_critic(actor_critic, tokenizer, world_model, ac_opt, replay, args, device))]
+         lambda: train_actor_critic(actor_critic, tokenizer, world_model, ac_opt, replay, args, device, tokens_fixed()))]
     if checkpoint:  # the run goes on (or is evaluated) exactly where the checkpoint left it
         for module, saved in zip((*models, *optimizers), checkpoint["models"] + checkpoint["optimizers"]):
             module.load_state_dict(saved)

@@ -116,7 +116,7 @@ def test_world_model_loss_pairs_predictions_with_labels(args):
     frames, actions = random_frames(B, L), torch.randint(0, NUM_ACTIONS, (B, L))
     rewards, ends = torch.tensor([[0.0, 1.0, -1.0], [0.0, 0.0, 0.0]]), torch.zeros(B, L, dtype=torch.bool)
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    loss, parts = iris.world_model_loss(wm, tok, frames, actions, rewards, ends, mask)
+    loss, parts = iris.world_model_loss(wm, tok.encode_real(frames, mask), actions, rewards, ends, mask)
     tokens = tok.encode(frames)[0]  # plain reference path: every frame encoded, the padded one too (official)
     obs_logits = wm(torch.cat([tokens, actions[..., None]], 2).flatten(1))[0]
     # hand pairing for the first, fully real row: prediction i is scored against flatten(tokens)[i + 1]
@@ -218,7 +218,7 @@ def test_imagine_shapes_and_gradients(args):
     B, H = 3, args.imagine_horizon  # H == wm_sequence_length fills the context exactly
     mask = torch.ones(B, args.burn_in + 1, dtype=torch.bool)
     mask[0, :2] = False
-    out = iris.imagine(tok, wm, ac, random_frames(B, args.burn_in + 1), mask, H)
+    out = iris.imagine(tok, wm, ac, tok.encode_real(random_frames(B, args.burn_in + 1), mask), mask, H)
     assert set(out) == {"log_probs", "entropies", "values", "rewards", "ends"}
     assert all(v.shape == (B, H) for v in out.values())
     assert set(out["rewards"].unique().tolist()) <= {-1.0, 0.0, 1.0}
@@ -252,6 +252,30 @@ def test_replay_segments_pad_outside_the_episode():
         last = rewards[:, -1].long()
         episode_start = torch.where(last < 4, 0, 4)
         assert torch.equal(mask, (last[:, None] - 2 + torch.arange(3)) >= episode_start[:, None])  # left-padded
+
+
+def test_kept_tokens_equal_fresh_ones_and_each_frame_is_encoded_once(args):
+    tok = iris.Tokenizer(args).eval()
+    replay = iris.Replay(capacity=30, frame_shape=(3, 64, 64), seed=0)
+    for i in range(30):  # episodes of 7 steps
+        replay.add_frame(random_frames(1)[0].numpy(), first=i % 7 == 0)
+        replay.add_step(0, 0.0, i % 7 == 6, False)
+    encoded = []  # frames through the encoder
+    tok.encoder.register_forward_hook(lambda module, inputs, output: encoded.append(len(inputs[0])))
+    for from_start in (True, False):  # world-model and actor-critic segments
+        replay.rng = np.random.default_rng(1)
+        fresh, *_, mask = replay.segments(8, 5, from_start, "cpu", tok)  # the current tokenizer, every call
+        replay.rng = np.random.default_rng(1)
+        kept_before, encoded[:] = (replay.tokens[:, 0] >= 0).sum(), []
+        kept, *_, kept_mask = replay.segments(8, 5, from_start, "cpu", tok, keep_tokens=True)
+        assert sum(encoded) == (replay.tokens[:, 0] >= 0).sum() - kept_before > 0  # only frames not kept before
+        assert torch.equal(mask, kept_mask) and not mask.all()  # the same segments, with some padding
+        assert torch.equal(kept[mask], fresh[mask])
+    replay.segments(256, 5, True, "cpu", tok, keep_tokens=True)
+    assert (replay.tokens[:30] >= 0).all()  # every frame used and kept
+    encoded.clear()
+    replay.segments(256, 5, False, "cpu", tok, keep_tokens=True)
+    assert encoded == []  # nothing encoded twice
 
 
 def make_atari(env_id, train):
