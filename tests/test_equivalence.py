@@ -91,12 +91,13 @@ def test_iris_batched_burn_in_equals_a_frame_by_frame_loop():
 
 def test_iris_tokenizer_in_slices_equals_one_pass(monkeypatch):
     torch.manual_seed(0)
-    tokenizer = iris.Tokenizer(iris.Args(**iris.TINY)).eval()
+    tokenizer = iris.Tokenizer(iris.Args(**{**iris.TINY, "tok_ch": 64})).eval()  # the paper's width: slices of 8
     frames = torch.randint(0, 256, (19, 3, 64, 64), dtype=torch.uint8)  # 19 = 2 full slices of 8 and one of 3
+    assert tokenizer.slice == 8
     with torch.no_grad():
         tokens, z, _ = tokenizer.encode(frames)
         decoded = tokenizer.decode(tokens)
-        monkeypatch.setattr(iris, "in_slices", lambda net, x: net(x))  # reference: the whole batch in one pass
+        monkeypatch.setattr(iris, "in_slices", lambda net, x, n: net(x))  # reference: the whole batch in one pass
         tokens_ref, z_ref, _ = tokenizer.encode(frames)
         decoded_ref = tokenizer.decode(tokens_ref)
     assert torch.allclose(z, z_ref, atol=1e-5) and torch.equal(tokens, tokens_ref)

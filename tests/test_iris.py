@@ -276,6 +276,8 @@ def test_kept_tokens_equal_fresh_ones_and_each_frame_is_encoded_once(args):
     encoded.clear()
     replay.segments(256, 5, False, "cpu", tok, keep_tokens=True)
     assert encoded == []  # nothing encoded twice
+    iris.train_tokenizer(tok, torch.optim.Adam(tok.parameters()), replay, args, "cpu")
+    assert (replay.tokens == -1).all()  # a tokenizer update drops every kept token
 
 
 def make_atari(env_id, train):
@@ -344,8 +346,8 @@ def test_tiny_preset_learns_catch(tmp_path):
     assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged["losses/reconstruction"]
     assert last("losses/next_tokens") < 0.2 * first("losses/next_tokens"), logged["losses/next_tokens"]
     assert last("losses/end") < 0.5 * first("losses/end"), logged["losses/end"]
-    # optimum +1, uniformly random policy about -0.5; the tiny preset reached +0.16 to +0.28 in three seeds (README)
-    assert summary["eval_return_mean"] >= -0.1, summary
+    # optimum +1, uniformly random policy about -0.5; the tiny preset reached +0.88 to +1.0 in four seeds (README)
+    assert summary["eval_return_mean"] >= 0.7, summary
 
 
 @pytest.mark.timeout(300)
