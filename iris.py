@@ -177,7 +177,7 @@ class Args:
 # The tiny preset keeps every mechanism (K = 16 tokens too) and shrinks widths, batches, steps and segments (8 steps
 # hold a 7-step Catch game); small nets take larger learning rates; no GPT dropout (Delta-IRIS). On Catch (README): the
 # tokenizer stops after epoch 11 (moving tokens kept the GPT's loss at 1.7-2.8), imagined steps after an end are masked
-# (Delta-IRIS), entropy x10 stops an early collapse; 32 imagined trajectories per update: +0.88-1.0 (16: +0.60-0.68).
+# (Delta-IRIS), entropy x10 stops an early collapse; 32 imagined trajectories per update: +0.76-1.0 (16: +0.60-0.68).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20, video_every=11,
             tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
             tok_embed_dim=32, tok_lr=3e-3, tok_batch_size=32,
