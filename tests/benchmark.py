@@ -102,6 +102,7 @@ def bench_iris(rng):
 if __name__ == "__main__":
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count())
+    twm.keep_freed_memory()  # as training does (the same function is in iris.py)
     rng = np.random.default_rng(0)
     bench_twm(16, 64, rng)
     bench_twm(100, 400, rng)

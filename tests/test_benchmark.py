@@ -18,3 +18,30 @@ def test_benchmark_runs_at_tiny_shapes_and_prints_five_names():
     assert [row["name"] for row in rows] == ["twm_update_b16", "twm_update_b100", "iris_tokenizer_b32",
                                              "iris_world_model_b8", "iris_actor_critic_b8"]
     assert all(row["seconds"] > 0 and row["shape"] for row in rows)
+
+
+PAGE_FAULTS = """
+import resource, sys, torch
+sys.path.insert(0, ".")
+import {script}
+if {keep}:
+    {script}.keep_freed_memory()
+faults = []
+for _ in range(6):  # a 64 MB tensor freed and allocated again; the first three rounds settle the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.ones(64, 1024, 256)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del x
+print(max(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("script", ["twm", "iris"])
+def test_keep_freed_memory_stops_page_faults_on_reallocation(script):
+    """By default glibc unmaps a freed 64 MB tensor, and its 16,384 pages fault in again when it is allocated again."""
+    faults = {keep: int(subprocess.run([sys.executable, "-c", PAGE_FAULTS.format(script=script, keep=keep)], cwd=ROOT,
+                                       capture_output=True, text=True, timeout=100, check=True).stdout)
+              for keep in (False, True)}
+    assert faults[False] > 10_000 and faults[True] < 500, faults
