@@ -210,7 +210,7 @@ def parse_args(argv=None):
 
 def keep_freed_memory():
     """Keep freed memory for reuse: glibc hands large blocks back to the OS, and each update page-faulted its activations
-    in again (13% of the benchmark's CPU time in the kernel). M_MMAP_MAX = 0: no mmap; M_TRIM_THRESHOLD = 2 GiB."""
+    in again (11% of the benchmark's CPU time in the kernel). M_MMAP_MAX = 0: no mmap; M_TRIM_THRESHOLD = 2 GiB."""
     for option, value in ((-4, 0), (-1, 2**31 - 1)) if sys.platform == "linux" else ():  # glibc's mallopt
         ctypes.CDLL(None).mallopt(option, value)
 
