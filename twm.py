@@ -257,7 +257,7 @@ def is_atari(env_id):
     return str(getattr(gym.registry.get(env_id), "entry_point", "")).startswith("ale_py")
 
 def make_env(args, train):
-    """One env yielding single uint8 grayscale frames (1, 64, 64); episode statistics count whole games, raw score."""
+    """One env yielding single uint8 frames (c, 64, 64): Atari greyscale (official), other envs their own channels."""
     try:
         if is_atari(args.env_id):  # the protocol is set explicitly, whatever the id's defaults
             env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
@@ -284,10 +284,8 @@ def make_env(args, train):
             env = FireAfterLifeLoss(env)  # 3.
         if train and args.life_loss_terminal:
             env = LifeLossSoftReset(env)  # 4. evaluation plays whole games
-    else:
+    else:  # any other image env keeps its channels: RGB stays RGB (colour may carry meaning), HxW stays one channel
         env = gym.wrappers.ResizeObservation(gym.wrappers.RecordEpisodeStatistics(env), size)
-        if len(space.shape) == 3:
-            env = gym.wrappers.GrayscaleObservation(env, keep_dim=True)
     # 5. channels first: (H, W[, C]) -> (C, H, W)
     new_space = gym.spaces.Box(0, 255, (*(env.observation_space.shape[2:] or (1,)), *size), np.uint8)
     return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0), new_space)
@@ -716,8 +714,9 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
             for s, (r, g) in enumerate(zip(reward.tolist(), torch.sigmoid(discount_logit).tolist()) if t >= context else []):
                 dream_text[s].append(f"dream\nr={r:+.2f} " + ("end" if g < 0.5 else f"g={g:.2f}"))
     dyn.train()  # its mode between updates
-    decode = lambda z_: obs_model.decode(z_)[:, :, -1:].clamp(0, 1)  # noqa: E731  the newest frame of each stack
-    real, imagined = stacks[:, :-1, -1:].float() / 255, decode(torch.stack(dreamt, 1))
+    c = replay.frames.shape[1]  # channels of one frame: the newest frame of a stack is its last c channels
+    decode = lambda z_: obs_model.decode(z_)[:, :, -c:].clamp(0, 1)  # noqa: E731
+    real, imagined = stacks[:, :-1, -c:].float() / 255, decode(torch.stack(dreamt, 1))
     rows = torch.stack([real, decode(z), imagined, (real - imagined).abs()], 1)  # (S, 4, n, 1, H, W) in [0, 1]
     title = [f"TWM dream after agent step {step}: {sequences} random windows of real play, each in one episode. Rows: real "
              "(a = action taken, r = tanh reward, end), reconstruction, dream, |real - dream|. Dream: green = context",
@@ -984,8 +983,9 @@ if __name__ == "__main__":
     if video:  # the first game, each pixel a 4x4 block, as an MP4 (mp4v codec)
         os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
         mp4 = cv2.VideoWriter(os.path.join(run_dir, "videos", "eval.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 15, (256, 256))
-        for frame in video:  # grayscale (1, 64, 64)
-            mp4.write(cv2.cvtColor(frame[0].repeat(4, 0).repeat(4, 1), cv2.COLOR_GRAY2BGR))
+        for frame in video:  # (c, 64, 64): greyscale or RGB
+            image = np.moveaxis(frame, 0, -1).repeat(4, 0).repeat(4, 1)
+            mp4.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if len(frame) == 1 else cv2.COLOR_RGB2BGR))
         mp4.release()
     summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step, eval_episodes=args.eval_episodes,
                    **log_evaluation(writer, args, returns, global_step), wall_seconds=round(time.time() - start_time, 1))

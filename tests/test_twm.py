@@ -236,6 +236,18 @@ def test_atari_wrappers_shapes_and_soft_reset_after_life_loss():
     assert ale.lives() == lives - 1
 
 
+@pytest.mark.timeout(60)
+def test_other_image_envs_keep_their_channels():
+    args = tiny_args()
+    env = twm.make_env(args, train=True)  # Catch: RGB frames, as the env renders them
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == env.observation_space.shape == (3, 64, 64) and obs.dtype == np.uint8
+    paddle = obs[:, -1].reshape(3, -1).max(1)  # the bottom row holds the orange paddle
+    assert paddle.tolist() == [255, 160, 0]
+    replay = filled_replay(args, steps=10)
+    assert replay.stacks(np.array([5])).shape == (1, 4 * 3, 64, 64)  # frame_stack x channels into the encoder
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("fire", [True, False])
 def test_fire_after_life_loss_in_breakout(fire):
@@ -469,11 +481,11 @@ def filled_replay(args, steps=60):
 def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path):
     args = tiny_args()
     torch.manual_seed(0)
-    obs_model, dyn = twm.ObservationModel(args, 4), twm.DynamicsModel(args, 3)
+    obs_model, dyn = twm.ObservationModel(args, 4 * 3), twm.DynamicsModel(args, 3)  # 4 stacked RGB frames
     nn.init.constant_(obs_model.decoder[-1].bias, 0.5)  # decoded frames around grey, not clamped to black
     replay = filled_replay(args)
     rows, captions, context, title = twm.dream(obs_model, dyn, replay, args, step=7)
-    assert rows.shape == (4, 4, 7, 1, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
+    assert rows.shape == (4, 4, 7, 3, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
     assert dyn.training  # left as it was
     torch.testing.assert_close(rows[:, 2, :context], rows[:, 1, :context])  # context: the reconstructions
     assert captions[0][2][:2] == ["context"] * 2 and captions[0][2][2].startswith("dream\nr=")
