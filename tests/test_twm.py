@@ -238,7 +238,7 @@ def test_atari_wrappers_shapes_and_soft_reset_after_life_loss():
 
 @pytest.mark.timeout(60)
 def test_other_image_envs_keep_their_channels():
-    args = tiny_args()
+    args = tiny_args(frame_stack=4)
     env = twm.make_env(args, train=True)  # Catch: RGB frames, as the env renders them
     obs, _ = env.reset(seed=0)
     assert obs.shape == env.observation_space.shape == (3, 64, 64) and obs.dtype == np.uint8
@@ -481,7 +481,7 @@ def filled_replay(args, steps=60):
 def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path):
     args = tiny_args()
     torch.manual_seed(0)
-    obs_model, dyn = twm.ObservationModel(args, 4 * 3), twm.DynamicsModel(args, 3)  # 4 stacked RGB frames
+    obs_model, dyn = twm.ObservationModel(args, args.frame_stack * 3), twm.DynamicsModel(args, 3)  # RGB frames
     nn.init.constant_(obs_model.decoder[-1].bias, 0.5)  # decoded frames around grey, not clamped to black
     replay = filled_replay(args)
     rows, captions, context, title = twm.dream(obs_model, dyn, replay, args, step=7)
