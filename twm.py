@@ -175,18 +175,16 @@ class Args:
     pretrain_ac_updates: int = 7000
     """actor-critic updates on real latent sequences of the prefill data"""
 
-# The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU. The small world
-# model takes a 10x larger learning rate (with 1e-4 it does not learn Catch in 3000 steps); the actor keeps the
-# official 1e-4 (at 1e-3 its entropy fell to 0.08 within 100 updates, before the model predicted any reward).
-# One frame per observation: the narrow decoder stalls on 4 stacked frames (Gather: loss 263 after 1500 updates,
-# 1.7 with one frame), and the Transformer-XL sees the history anyway. No dropout: reward recall 0.60 vs 0.14.
+# The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU (docs/tiny_games.md
+# has the measurements): world-model lr x10; actor lr 1e-4 (1e-3 collapsed its entropy to 0.08 in 100 updates); one
+# frame per observation (the narrow decoder stalls on 4 stacked frames); no dropout (reward recall 0.60 vs 0.14).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
             video_every=800, frame_stack=1, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
             dyn_layers=2, dyn_heads=2, dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_dropout=0.0,
             dyn_head_layers=2, dyn_z_head_dim=256, dyn_head_dim_rg=64, wm_sequence_length=8, wm_memory_length=8,
-            ac_hidden_dim=128, ac_layers=2, ac_horizon=10, ac_batch_size=64, wm_batch_size=8,
-            wm_lr=1e-3, actor_lr=1e-4, critic_lr=1e-3, prefill=500, updates_per_step=1.0,
-            pretrain_obs_updates=200, pretrain_obs_batch=64, pretrain_dyn_updates=200, pretrain_ac_updates=100)
+            ac_hidden_dim=128, ac_layers=2, ac_horizon=10, ac_batch_size=64, wm_batch_size=8, wm_lr=1e-3, actor_lr=1e-4,
+            critic_lr=1e-3, prefill=500, updates_per_step=1.0, pretrain_obs_updates=200, pretrain_obs_batch=64,
+            pretrain_dyn_updates=200, pretrain_ac_updates=100)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 
 def fail(message):
@@ -238,7 +236,6 @@ class FireAfterLifeLoss(gym.Wrapper):
 class LifeLossSoftReset(gym.Wrapper):
     """A life loss ends the training episode, but the game goes on: the next reset() is one NOOP step."""
     game_over = True  # the first reset() is a real one
-
     def step(self, action):
         obs, reward, terminated, truncated, info = self.env.step(action)
         lives, self.game_over = self.env.unwrapped.ale.lives(), terminated or truncated
@@ -326,9 +323,8 @@ class Replay:
         self.episode_start[self.size] = self.size if first else self.episode_start[self.size - 1]
 
     def add_step(self, action, reward, terminated, truncated):
-        i = self.size
-        self.actions[i], self.rewards[i] = action, math.tanh(reward)
-        self.terminated[i], self.truncated[i] = terminated, truncated
+        self.actions[self.size], self.rewards[self.size] = action, math.tanh(reward)
+        self.terminated[self.size], self.truncated[self.size] = terminated, truncated
         self.size += 1
 
     def stacks(self, index):
@@ -337,8 +333,7 @@ class Replay:
         return self.frames[frame_index].reshape(*index.shape, -1, *self.frames.shape[2:])
 
     def sample_starts(self, batch, length, balanced=True):
-        """Balanced sampling: starts drawn without replacement with p ∝ exp(-visits / τ), so new data comes first.
-        Pretraining draws uniformly and leaves the visit counts alone."""
+        """Balanced sampling: starts without replacement, p ∝ exp(-visits / τ), so new data comes first (else uniform)."""
         starts, p = self.start_probabilities(length)
         chosen = self.rng.choice(starts, size=batch, replace=False, p=p if balanced else None)
         self.visits[chosen] += balanced  # + 1, or + 0 in pretraining
@@ -721,12 +716,10 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
     decode = lambda z_: obs_model.decode(z_)[:, :, -c:].clamp(0, 1)  # noqa: E731
     real, imagined = stacks[:, :-1, -c:].float() / 255, decode(torch.stack(dreamt, 1))
     rows = torch.stack([real, decode(z), imagined, (real - imagined).abs()], 1)  # (S, 4, n, 1, H, W) in [0, 1]
-    title = [f"TWM dream after agent step {step}: {sequences} random windows of real play, each in one episode. Rows: real "
-             "(a = action taken, r = tanh reward, end), reconstruction, dream, |real - dream|. Dream: green = context",
-             "(the real z fed in), red = imagined from its own samples and the real actions; r, g = predicted tanh "
-             "reward and discount of the step from the frame (end: g < 0.5)."]
+    title = [f"TWM dream after agent step {step}: {sequences} random windows of real play, each in one episode. Rows: real (a = "
+             "action, r = tanh reward, end), reconstruction, dream, |real - dream|. Dream: green = context (real z fed in),",
+             "red = imagined from its own samples and the real actions; r, g = predicted tanh reward and discount (end: g < 0.5)."]
     return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
-
 
 def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
     """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture (frames scaled up so the text fits); write it to
@@ -755,32 +748,39 @@ def write_dream_image(writer, run_dir, step, rows, captions, context, title, sca
     return image
 
 # ---- Training: the pretraining phase on the random prefill, then one update = 1 world-model + 1 actor-critic step.
-
-def pretrain(models, optimizers, replay, args, device):
+def pretrain(models, optimizers, replay, args, device, done, stop):
     """official: observation model alone, then dynamics with the encoder frozen, then the critic on real latent
-    sequences while the actor only maximises entropy. Batches are uniform and leave the visit counts alone."""
+    sequences while the actor only maximises entropy. Batches are uniform and leave the visit counts alone. Goes on
+    after `done` updates and returns the count: short of the total where Ctrl-C or SIGTERM (`stop`) ended it."""
     obs_model, dyn, actor, critic = models
-    obs_opt, dyn_opt, actor_opt, critic_opt = optimizers
     L, H = args.wm_sequence_length, args.ac_horizon
-    for _ in range(args.pretrain_obs_updates):
-        index = replay.rng.choice(replay.size + 1, args.pretrain_obs_batch, replace=False)
-        stacks = torch.as_tensor(replay.stacks(index), device=device)  # (N, stack * c, H, W)
-        log_q = obs_model.encode(stacks)
-        optimize(sum(observation_losses(obs_model, log_q, sample_z(log_q), stacks, args)), [obs_opt], args.wm_grad_clip)
-    for _ in range(args.pretrain_dyn_updates):
-        batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L, balanced=False), L, device)
-        losses, _, _ = world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
-        optimize(sum(losses.values()), [dyn_opt], args.wm_grad_clip)
-    for _ in range(args.pretrain_ac_updates):
-        starts = replay.sample_starts(args.ac_batch_size, H, balanced=False)
-        obs, actions, rewards, terminated, truncated = replay.sequences(starts, H, device)
-        with torch.no_grad():
-            z = sample_z(obs_model.encode(obs[:, 1:]))  # (N, H+1, 1024) real latents
-        rewards = rewards[:, 1:]
-        rollout = (z, actions[:, 1:], rewards, torch.full_like(rewards, args.gamma), (terminated | truncated)[:, 1:],
-                   torch.ones_like(rewards))
-        losses = actor_critic_losses(actor, critic, rollout, args, policy_gradient=False)
-        optimize(losses["actor"] + losses["critic"], [actor_opt, critic_opt], args.ac_grad_clip)
+    ends = np.cumsum([args.pretrain_obs_updates, args.pretrain_dyn_updates, args.pretrain_ac_updates]).tolist()
+    with tqdm(total=ends[-1], initial=done, leave=False, dynamic_ncols=True) as progress:
+        while done < ends[-1] and not stop:
+            part = sum(done >= end for end in ends)  # 0, 1, 2
+            progress.set_description(("pretrain observation model", "pretrain dynamics", "pretrain critic")[part], False)
+            if part == 0:
+                index = replay.rng.choice(replay.size + 1, args.pretrain_obs_batch, replace=False)
+                stacks = torch.as_tensor(replay.stacks(index), device=device)  # (N, stack * c, H, W)
+                log_q = obs_model.encode(stacks)
+                losses = observation_losses(obs_model, log_q, sample_z(log_q), stacks, args)
+                optimize(sum(losses), optimizers[:1], args.wm_grad_clip)
+            elif part == 1:
+                batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L, balanced=False), L, device)
+                losses, _, _ = world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
+                optimize(sum(losses.values()), optimizers[1:2], args.wm_grad_clip)
+            else:
+                starts = replay.sample_starts(args.ac_batch_size, H, balanced=False)
+                obs, actions, rewards, terminated, truncated = replay.sequences(starts, H, device)
+                with torch.no_grad():
+                    z = sample_z(obs_model.encode(obs[:, 1:]))  # (N, H+1, 1024) real latents
+                rollout = (z, actions[:, 1:], rewards[:, 1:], torch.full_like(rewards[:, 1:], args.gamma),
+                           (terminated | truncated)[:, 1:], torch.ones_like(rewards[:, 1:]))
+                losses = actor_critic_losses(actor, critic, rollout, args, policy_gradient=False)
+                optimize(losses["actor"] + losses["critic"], optimizers[2:], args.ac_grad_clip)
+            done += 1
+            progress.update()
+    return done
 
 def train_step(models, optimizers, replay, args, device, autocast):
     """One world-model step on a balanced batch, then imagination from that batch and one actor and critic step."""
@@ -881,12 +881,12 @@ if __name__ == "__main__":
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     env = make_env(args, train=True)
     num_actions = int(env.action_space.n)
-    protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
-                    action_set="minimal" if is_atari(args.env_id) else "env", num_actions=num_actions,
-                    noop_max_train=args.noop_max, noop_max_eval=0, life_loss_terminal_train=args.life_loss_terminal,
-                    fire_after_life_loss=args.fire_after_life_loss, max_episode_steps=args.max_episode_steps,
-                    observation=f"{args.frame_stack} x {env.observation_space.shape} uint8", reward="tanh(r) stored",
-                    eval_policy="z = mode of q(z|o), actions sampled at temperature 1")
+    atari = is_atari(args.env_id)
+    protocol = dict(sticky_actions=0.0 if atari else "env default", frame_skip=4 if atari else 1, num_actions=num_actions,
+                    action_set="minimal" if atari else "env", noop_max_train=args.noop_max, noop_max_eval=0,
+                    life_loss_terminal_train=args.life_loss_terminal, fire_after_life_loss=args.fire_after_life_loss,
+                    max_episode_steps=args.max_episode_steps, observation=f"{args.frame_stack} x {env.observation_space.shape}",
+                    reward="tanh(r) stored", eval_policy="z = mode of q(z|o), actions sampled at temperature 1")
     print(f"protocol: {json.dumps(protocol)}")
     writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if resuming else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
@@ -898,10 +898,8 @@ if __name__ == "__main__":
     actor = mlp(z_dim, args.ac_hidden_dim, num_actions, args.ac_layers).to(device)
     critic = mlp(z_dim, args.ac_hidden_dim, 1, args.ac_layers).to(device)
     models = (obs_model, dyn, actor, critic)
-    adam = lambda module, lr: torch.optim.Adam(module.parameters(), lr, eps=args.adam_eps,  # noqa: E731
-                                               weight_decay=args.weight_decay)
-    optimizers = (adam(obs_model, args.wm_lr), adam(dyn, args.wm_lr), adam(actor, args.actor_lr),
-                  adam(critic, args.critic_lr))
+    optimizers = tuple(torch.optim.Adam(module.parameters(), lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+                       for module, lr in zip(models, (args.wm_lr, args.wm_lr, args.actor_lr, args.critic_lr)))
     if args.compile:
         obs_model.encoder, dyn.transformer = torch.compile(obs_model.encoder), torch.compile(dyn.transformer)
     replay = Replay(args.total_timesteps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, args.seed)
@@ -913,22 +911,24 @@ if __name__ == "__main__":
         for (_, set_state), state in zip(RNGS, checkpoint["rng"]):
             set_state(state)
         env.close()
-        env, global_step, updates, update_credit, wall_seconds = checkpoint["env"], *checkpoint["counters"]
+        env, global_step, updates, update_credit, pretrained, wall_seconds = checkpoint["env"], *checkpoint["counters"]
         if checkpoint["ale"]:  # an unpickled ALE env starts afresh: its emulator state and RNGs come back too
             ale_state, env.unwrapped.np_random, env.unwrapped.action_space = checkpoint["ale"]
             env.unwrapped.restore_state(ale_state)
     else:
         replay.add_frame(env.reset(seed=args.seed)[0], first=True)
         env.action_space.seed(args.seed)
-        global_step, updates, update_credit, wall_seconds = 0, 0, 0.0, 0.0
+        global_step, updates, update_credit, pretrained, wall_seconds = 0, 0, 0.0, 0, 0.0
     start_time, metrics, stop = time.time() - (wall_seconds if resuming else 0), {}, []
     path = os.path.join(run_dir, "checkpoint.pt")
     save = lambda: save_checkpoint(path, args, models, optimizers, replay, env, finite(metrics, updates, run_dir),  # noqa
-                                   (global_step, updates, update_credit, time.time() - start_time))
+                                   (global_step, updates, update_credit, pretrained, time.time() - start_time))
     for signum in (signal.SIGINT, signal.SIGTERM) if not args.eval_checkpoint else ():  # save at a step boundary
         signal.signal(signum, lambda signum, _: sys.exit(128 + signum) if stop else stop.append(signum))  # 2nd: quit
     policy = lambda stacks: act(obs_model, actor, stacks, device)  # noqa: E731
-    last_step = global_step if args.eval_checkpoint else args.total_timesteps  # --eval-checkpoint: no training
+    if resuming and global_step == args.prefill:  # stopped in pretraining: the rest of it before the next agent step
+        pretrained = pretrain(models, optimizers, replay, args, device, pretrained, stop)
+    last_step = global_step if args.eval_checkpoint or stop else args.total_timesteps  # no training, or stopped
     progress = tqdm(range(global_step + 1, last_step + 1), "twm", last_step, dynamic_ncols=True, initial=global_step)
     for global_step in progress:
         # ALGO LOGIC: act with the encoder and actor only (random during the prefill)
@@ -947,7 +947,7 @@ if __name__ == "__main__":
         # ALGO LOGIC: pretraining once after the prefill, then ~1.316 updates per agent step
         try:
             if global_step == args.prefill:
-                pretrain(models, optimizers, replay, args, device)
+                pretrained = pretrain(models, optimizers, replay, args, device, pretrained, stop)
             elif global_step > args.prefill:
                 update_credit += args.updates_per_step
                 while update_credit >= 1:

@@ -399,6 +399,35 @@ def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     assert checkpoint["script"] == "twm" and 0 < checkpoint["counters"][0] < 3000 and "Traceback" not in stderr
 
 
+@pytest.mark.timeout(300)
+def test_sigterm_in_pretraining_saves_at_once_and_resumes_to_the_same_losses(tmp_path):
+    # Interrupted in the first part of pretraining, saved within seconds, resumed: the losses of the run left alone.
+    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--prefill", "500", "--pretrain-obs-updates", "400",
+             "--pretrain-dyn-updates", "20", "--pretrain-ac-updates", "20", "--log-every", "5", "--eval-episodes", "2",
+             "--total-timesteps", "530"]
+    full = run_script(tmp_path, *flags, timeout=140, suffix="_full")
+    run = f"test_{tmp_path.name}"
+    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
+    process = subprocess.Popen([sys.executable, "twm.py", *flags, "--run-name", run], cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = ""
+    while "pretrain observation model" not in seen:  # the progress bar of the first part
+        seen += process.stderr.read(1) or pytest.fail(f"twm.py ended before pretraining: {seen[-2000:]}")
+    process.send_signal(signal.SIGTERM)
+    sent = time.time()
+    stdout, stderr = process.communicate(timeout=60)
+    assert time.time() - sent < 5 and process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    path = ROOT / "runs" / run / "checkpoint.pt"
+    global_step, updates, _, pretrained, _ = torch.load(path, weights_only=False)["counters"]
+    assert (global_step, updates) == (500, 0) and 0 < pretrained < 400
+    result = twm_cli("--resume", str(path), timeout=140)
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected, got = losses_after(ROOT / "runs" / f"{run}_full", 0), losses_after(ROOT / "runs" / run, 0)
+    assert len(expected) >= 10 and all(len(values) == 6 for values in expected.values())  # updates 5, 10 .. 30
+    assert got == expected
+    assert json.loads((ROOT / "runs" / run / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("flags, message", [
     (["--critic-lr", "1e30"], "error: loss actor is nan at update 1; stopped without writing a checkpoint (last good "
