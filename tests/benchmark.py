@@ -1,10 +1,13 @@
-"""Time one training update of each agent at the shapes of ../shared/reference/perf_anchor.md.
+"""Time one training update of each agent at the shapes the official code was timed at, and two reference workloads.
 
     python tests/benchmark.py            # paper architectures, 2 warm-ups, median of 5, all cores
     python tests/benchmark.py --tiny     # tiny preset shapes (what the test suite runs)
 
 Prints one JSON object per line: {"name", "seconds" (median), "min", "max", "shape"}. It imports the
-scripts' own classes and functions, so what it times is what training runs.
+scripts' own classes and functions, so what it times is what training runs. The first two rows are reference
+workloads, a convolution and a matrix product; every update row is also given in units of the convolution
+("conv_references"), which makes runs on different days and machines comparable. At the paper's shapes the
+update rows also give the official code's time in the same units and the ratio of the two ("vs_official").
 """
 
 import contextlib
@@ -23,18 +26,43 @@ import twm  # noqa: E402
 
 TINY = "--tiny" in sys.argv
 WARMUP, REPEATS = (1, 1) if TINY else (2, 5)
+# The official code's update times in units of reference_conv, both measured in one run on a quiet 2-core CPU
+# (2 threads, fp32): official seconds 3.681, 26.913, 5.427, 5.392, 19.997 against a 12.59 ms reference.
+OFFICIAL_CONV_REFERENCES = {"twm_update_b16": 292, "twm_update_b100": 2138, "iris_tokenizer_b32": 431,
+                            "iris_world_model_b8": 428, "iris_actor_critic_b8": 1588}
+reference_seconds = None  # set by bench_references, before the updates are timed
 
 
-def timed(name, shape, step):
-    for _ in range(WARMUP):
+def timed(name, shape, step, warmup=WARMUP, repeats=REPEATS):
+    for _ in range(warmup):
         step()
     seconds = []
-    for _ in range(REPEATS):
+    for _ in range(repeats):
         start = time.perf_counter()
         step()
         seconds.append(time.perf_counter() - start)
-    print(json.dumps(dict(name=name, seconds=round(statistics.median(seconds), 4), min=round(min(seconds), 4),
-                          max=round(max(seconds), 4), shape=shape)), flush=True)
+    median = statistics.median(seconds)
+    row = dict(name=name, seconds=round(median, 4), min=round(min(seconds), 4), max=round(max(seconds), 4), shape=shape)
+    if name in OFFICIAL_CONV_REFERENCES:
+        row["conv_references"] = round(median / reference_seconds, 1)
+        if not TINY:
+            row["official_conv_references"] = OFFICIAL_CONV_REFERENCES[name]
+            row["vs_official"] = round(OFFICIAL_CONV_REFERENCES[name] / row["conv_references"], 2)
+    print(json.dumps(row), flush=True)
+    return median
+
+
+def bench_references():
+    """A 64-channel 3x3 convolution on 8 x 64 x 64 frames (channels_last, no grad) and a 2048 x 2048 fp32 matrix
+    product: compute-bound work whose speed is the machine's, not the code's (median of 20)."""
+    global reference_seconds
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    frames = torch.randn(8, 64, 64, 64).contiguous(memory_format=torch.channels_last)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    with torch.no_grad():
+        reference_seconds = timed("reference_conv", "64 -> 64 channels, 3x3, 8 x 64 x 64, channels_last, no grad",
+                                  lambda: conv(frames), warmup=3, repeats=20)
+        timed("reference_gemm", "2048 x 2048 @ 2048 x 2048, fp32", lambda: a @ b, warmup=3, repeats=20)
 
 
 def synthetic_twm_replay(args, size, rng):
@@ -104,6 +132,7 @@ if __name__ == "__main__":
     torch.set_num_threads(os.cpu_count())
     twm.keep_freed_memory()  # as training does (the same function is in iris.py)
     rng = np.random.default_rng(0)
+    bench_references()
     bench_twm(16, 64, rng)
     bench_twm(100, 400, rng)
     bench_iris(rng)
