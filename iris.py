@@ -1,10 +1,9 @@
 """IRIS: "Transformers are Sample-Efficient World Models" in one file.
 
-Micheli, Alonso, Fleuret, ICLR 2023 (arXiv 2209.00588). Official code: github.com/eloialonso/iris.
-A VQ autoencoder turns each 64x64 RGB frame into 16 tokens of a 512-word vocabulary; a GPT over
-(16 frame tokens + 1 action token) per step predicts the next frame's tokens, the reward sign and the
-episode end; a CNN-LSTM actor-critic learns only in imagination, on decoded frames. Every default is the
-official code's; `# official:` comments mark where we differ.
+Micheli, Alonso, Fleuret, ICLR 2023 (arXiv 2209.00588). Official code: github.com/eloialonso/iris. A VQ autoencoder
+turns each 64x64 RGB frame into 16 tokens of a 512-word vocabulary; a GPT over (16 frame tokens + 1 action token) per
+step predicts the next frame's tokens, the reward sign and the episode end; a CNN-LSTM actor-critic learns only in
+imagination, on decoded frames. Every default is the official code's; `# official:` comments mark where we differ.
 
     python iris.py --env-id PongNoFrameskip-v4                    # the paper's Atari 100k run (GPU: ~3.5 A100-days)
     python iris.py --preset tiny --env-id tests.catch:Catch-v0    # a small run on the Catch test game, on a CPU
@@ -186,6 +185,13 @@ TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eva
             collect_steps_per_epoch=100, tok_start_after=1, tok_stop_after=11, wm_start_after=2, ac_start_after=12,
             tok_steps_per_epoch=40, wm_steps_per_epoch=80, ac_steps_per_epoch=15)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
+# Start-up checks: every number a flag sets must be positive, except these: flag -> (what it must be, the test)
+RANGES = {name: (allowed, test) for names, allowed, test in (
+    ("seed save_every video_every noop_max eval_noop_max tok_start_after tok_stop_after wm_start_after ac_start_after "
+     "tok_steps_per_epoch wm_steps_per_epoch ac_steps_per_epoch burn_in tok_beta wm_weight_decay entropy_coef", "0 or more",
+     lambda value: value >= 0), ("tok_vocab_size", "at least 2", lambda value: value >= 2),
+    ("gamma lam", "in (0, 1]", lambda value: 0 < value <= 1), ("collect_epsilon", "in [0, 1]", lambda value: 0 <= value <= 1),
+    ("wm_dropout", "in [0, 1)", lambda value: 0 <= value < 1)) for name in names.split()}
 
 def fail(message):
     """Stop with one line that names the problem and the fix, never a traceback."""
@@ -199,18 +205,25 @@ def parse_args(argv=None):
     presets = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
     preset = (presets + [value for flag, value in zip(argv, argv[1:]) if flag == "--preset"] + ["paper"])[0]
     args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
-    if min(args.total_timesteps, args.collect_steps_per_epoch, args.tok_batch_size, args.wm_batch_size, args.ac_batch_size,
-           args.eval_every, args.interim_eval_episodes, args.eval_episodes) <= 0:
-        fail("--total-timesteps, --collect-steps-per-epoch, batch sizes, --eval-every and episode counts must be positive")
-    if args.tok_stop_after < 0 or 0 < args.tok_stop_after <= args.tok_start_after:
+    for name, value in asdict(args).items():  # one line for the first wrong flag, with a value that works
+        allowed, test = RANGES.get(name, ("positive", lambda number: number > 0))
+        if type(value) in (int, float) and not test(value):
+            flag, default = "--" + re.sub(r"_(?=.)", "-", name), getattr(PRESETS[args.preset], name)
+            fail(f"{flag} {value} must be {allowed}; pass for example {flag} {default} (the {args.preset} preset's)")
+    try:  # a name torch does not know, or a device this machine lacks
+        torch.empty(0, device=None if args.device == "auto" else args.device)
+    except Exception:
+        fail(f"--device {args.device} is not a device of this machine; pass --device auto (cuda when present) or cpu")
+    if args.run_name and (os.path.isabs(args.run_name) or ".." in re.split(r"[\\/]", args.run_name)):
+        fail(f"--run-name {args.run_name} would write outside runs/; pass a name such as pong_1 or sweep/pong_1")
+    if 0 < args.tok_stop_after <= args.tok_start_after:
         fail(f"--tok-stop-after {args.tok_stop_after} must be 0 (never stop) or above --tok-start-after {args.tok_start_after}")
     if args.imagine_horizon > args.wm_sequence_length:
         fail(f"--imagine-horizon {args.imagine_horizon} must be at most --wm-sequence-length {args.wm_sequence_length} (context)")
     return args
 
 def keep_freed_memory():
-    """Keep freed memory for reuse: glibc hands large blocks back to the OS, and each update page-faulted its activations
-    in again (11% of the benchmark's CPU time in the kernel). M_MMAP_MAX = 0: no mmap; M_TRIM_THRESHOLD = 2 GiB."""
+    """Keep freed memory mapped: else glibc returns it and every update page-faults its activations in (11% of CPU time)."""
     for option, value in ((-4, 0), (-1, 2**31 - 1)) if sys.platform == "linux" else ():  # glibc's mallopt
         ctypes.CDLL(None).mallopt(option, value)
 
@@ -485,9 +498,8 @@ class KVCache:
 class SelfAttention(nn.Module):
     def __init__(self, d: int, nh: int, dropout: float):
         super().__init__()
-        self.nh, self.dropout = nh, dropout
+        self.nh, self.dropout, self.resid_drop = nh, dropout, nn.Dropout(dropout)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)  # official: separate query/key/value Linears, same init
-        self.resid_drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache], layer: int) -> torch.Tensor:
         B, T, C = x.shape
@@ -525,14 +537,11 @@ class WorldModel(nn.Module):
         self.blocks = nn.ModuleList(Block(d, a.wm_num_heads, a.wm_dropout) for _ in range(a.wm_num_layers))
         self.ln_f = nn.LayerNorm(d)
         self.head_obs, self.head_reward, self.head_end = head(d, a.tok_vocab_size), head(d, 3), head(d, 2)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m):  # official init_weights (world model only); LayerNorm keeps 1/0
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+        for m in self.modules():  # official init_weights (world model only); LayerNorm keeps 1/0
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def new_cache(self, B: int) -> KVCache:
         blk, p = self.blocks[0].attn, self.pos_emb.weight
@@ -625,13 +634,12 @@ def actor_critic_loss(imagined: dict, gamma: float, lam: float, entropy_coef: fl
     value = mean((values - returns).pow(2))
     return policy + entropy + value, {"actor": policy, "entropy": entropy, "critic": value}
 
-def update(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> torch.Tensor:
-    """One gradient step with grad-norm clipping; returns the pre-clip norm (a tensor, no sync)."""
+def update(module: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float):
+    """One gradient step, the global gradient norm clipped first (official)."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    grad_norm = nn.utils.clip_grad_norm_(module.parameters(), clip)
+    nn.utils.clip_grad_norm_(module.parameters(), clip)
     optimizer.step()
-    return grad_norm
 
 # ---- Imagination: roll the policy out inside the world model (batched, KV-cached) --------------------------------
 def sample(logits: torch.Tensor) -> torch.Tensor:
@@ -739,8 +747,7 @@ def dream(tokenizer, world_model, replay, args, step, sequences=4):
     return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
 
 def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
-    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture (frames scaled up so the text fits); write it to
-    runs/<run>/dreams/<step>.png and to TensorBoard."""
+    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture; write it to runs/<run>/dreams/ and TensorBoard."""
     S, R, n, size = *rows.shape[:3], rows.shape[-1] * scale
     cells = (rows * 255).round().byte().expand(-1, -1, -1, 3, -1, -1).permute(0, 1, 2, 4, 5, 3).cpu().numpy()
     cell_w, cell_h, left, top = size + 8, size + 34, 120, 18 * len(title) + 8
@@ -792,13 +799,12 @@ def log_metrics(writer, metrics, step):
         writer.add_scalar(f"charts/{name}" if name == "policy_entropy" else f"losses/{name}", value, step)
 
 def log_evaluation(writer, args, returns, step):
-    mean, std = float(returns.mean()), float(returns.std())
-    writer.add_scalar("eval/return_mean", mean, step)
-    writer.add_scalar("eval/return_std", std, step)
-    hns = human_normalized_score(args.env_id, mean)
-    if hns is not None:
-        writer.add_scalar("eval/human_normalized_score", hns, step)
-    return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
+    scores = dict(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
+    scores["human_normalized_score"] = human_normalized_score(args.env_id, scores["eval_return_mean"])
+    for name, value in scores.items():  # eval/return_mean, eval/return_std, eval/human_normalized_score (26 games only)
+        if value is not None:
+            writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
+    return scores
 
 # ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. -----------------------
 RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # all RNGs a run draws from
@@ -816,8 +822,7 @@ def save_checkpoint(path, args, models, optimizers, replay, env, losses, counter
     os.replace(path + ".tmp", path)
 
 def open_run(args):
-    """The run's flags, folder and checkpoint, or one line naming the problem: --resume goes on in the checkpoint's
-    folder with its flags; --eval-checkpoint takes its networks and env protocol, and this command's eval flags."""
+    """Flags, folder and checkpoint: --resume goes on with the stored flags, --eval-checkpoint takes its networks and env."""
     path = args.resume or args.eval_checkpoint
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False) if path else None
@@ -841,8 +846,7 @@ def open_run(args):
     return args, run_dir, checkpoint
 
 def finite(metrics, update, run_dir, problem=None):
-    """The losses as floats (one device sync). A non-finite one (or another `problem`) stops the run before it is
-    logged or saved, naming the last good checkpoint."""
+    """The losses as floats (one device sync); a non-finite one (or a `problem`) stops the run, naming the last checkpoint."""
     values = {name: float(value.detach()) for name, value in metrics.items()}
     problem = problem or next((f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)), 0)
     if problem:
@@ -865,14 +869,11 @@ if __name__ == "__main__":
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     env = make_env(args, train=True)
-    num_actions = int(env.action_space.n)
-    protocol = dict(sticky_actions=0.0 if is_atari(args.env_id) else "env default", frame_skip=4 if is_atari(args.env_id) else 1,
-                    action_set="minimal" if is_atari(args.env_id) else "env", num_actions=num_actions,
-                    noop_max_train=args.noop_max, noop_max_eval=args.eval_noop_max,
-                    life_loss_terminal_train=args.life_loss_terminal, fire_after_life_loss=False,
-                    max_episode_frames_train=args.max_episode_frames, max_episode_frames_eval=args.eval_max_episode_frames,
-                    observation=f"{env.observation_space.shape} uint8", reward="raw r stored, sign(r) predicted",
-                    eval_policy=f"reconstructed frames, actions sampled at temperature {args.eval_temperature}")
+    num_actions, atari = int(env.action_space.n), is_atari(args.env_id)
+    protocol = dict(sticky_actions=0.0 if atari else "env default", frame_skip=4 if atari else 1, num_actions=num_actions,
+                    action_set="minimal" if atari else "env", fire_after_life_loss=False, reward="raw r stored, sign(r) predicted",
+                    observation=f"{env.observation_space.shape} uint8",
+                    eval_policy=f"reconstructed frames, actions sampled at temperature {args.eval_temperature}")  # the rest: flags
     print(f"protocol: {json.dumps(protocol)}")
     writer = SummaryWriter(run_dir, purge_step=resuming and 1 + max(checkpoint["counters"][1],  # drop events after it
                            (checkpoint["counters"][0] - 1) * args.collect_steps_per_epoch) or None)  # (losses: epoch x)
@@ -934,8 +935,7 @@ if __name__ == "__main__":
                     state = actor_critic.burn_in(tokenizer.encode_decode(torch.as_tensor(recent, device=device))[None],
                                                  torch.as_tensor(mask, device=device)[None])
             while global_step < collect_until and not stop:
-                action, state = act(tokenizer, actor_critic, obs[None], state, args.collect_temperature,
-                                    args.collect_epsilon, device)
+                action, state = act(tokenizer, actor_critic, obs[None], state, args.collect_temperature, args.collect_epsilon, device)
                 obs, reward, terminated, truncated, info = env.step(action[0])
                 replay.add_step(action[0], reward, terminated, truncated)
                 global_step += 1

@@ -186,6 +186,13 @@ TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eva
             critic_lr=1e-3, prefill=500, updates_per_step=1.0, pretrain_obs_updates=200, pretrain_obs_batch=64,
             pretrain_dyn_updates=200, pretrain_ac_updates=100)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
+# Start-up checks: every number a flag sets must be positive, except these: flag -> (what it must be, the test)
+RANGES = {name: (allowed, test) for names, allowed, test in (
+    ("seed save_every video_every noop_max prefill wm_memory_length pretrain_obs_updates pretrain_dyn_updates pretrain_ac_updates "
+     "weight_decay obs_entropy_coef obs_consistency_coef dyn_reward_coef dyn_discount_coef actor_entropy_coef", "0 or more",
+     lambda value: value >= 0), ("z_classes", "at least 2", lambda value: value >= 2),
+    ("gamma lambda_ obs_entropy_threshold actor_entropy_threshold discount_threshold", "in (0, 1]", lambda value: 0 < value <= 1),
+    ("dyn_dropout", "in [0, 1)", lambda value: 0 <= value < 1)) for name in names.split()}
 
 def fail(message):
     """Stop with one line that names the problem and the fix, never a traceback."""
@@ -199,18 +206,25 @@ def parse_args(argv=None):
     presets = [arg.split("=", 1)[1] for arg in argv if arg.startswith("--preset=")]
     preset = (presets + [value for flag, value in zip(argv, argv[1:]) if flag == "--preset"] + ["paper"])[0]
     args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
+    for name, value in asdict(args).items():  # one line for the first wrong flag, with a value that works
+        allowed, test = RANGES.get(name, ("positive", lambda number: number > 0))
+        if type(value) in (int, float) and not test(value):
+            flag, default = "--" + re.sub(r"_(?=.)", "-", name), getattr(PRESETS[args.preset], name)
+            fail(f"{flag} {value} must be {allowed}; pass for example {flag} {default} (the {args.preset} preset's)")
+    try:  # a name torch does not know, or a device this machine lacks
+        torch.empty(0, device=None if args.device == "auto" else args.device)
+    except Exception:
+        fail(f"--device {args.device} is not a device of this machine; pass --device auto (cuda when present) or cpu")
+    if args.run_name and (os.path.isabs(args.run_name) or ".." in re.split(r"[\\/]", args.run_name)):
+        fail(f"--run-name {args.run_name} would write outside runs/; pass a name such as pong_1 or sweep/pong_1")
     if args.total_timesteps <= args.prefill:
         fail(f"--total-timesteps {args.total_timesteps} must exceed --prefill {args.prefill}")
-    if min(args.wm_batch_size, args.ac_batch_size, args.eval_every, args.interim_eval_episodes, args.eval_episodes) <= 0:
-        fail("batch sizes, --eval-every, --interim-eval-episodes and --eval-episodes must be positive")
     if args.ac_batch_size > args.wm_batch_size * args.wm_sequence_length:
-        fail(f"--ac-batch-size must be at most wm_batch_size x wm_sequence_length "
-             f"({args.wm_batch_size * args.wm_sequence_length}): starts are drawn from the world-model batch")
+        fail(f"--ac-batch-size must be at most {args.wm_batch_size * args.wm_sequence_length} (--wm-batch-size x --wm-sequence-length)")
     return args
 
 def keep_freed_memory():
-    """Keep freed memory for reuse: glibc hands large blocks back to the OS, and each update page-faulted its activations
-    in again (11% of the benchmark's CPU time in the kernel). M_MMAP_MAX = 0: no mmap; M_TRIM_THRESHOLD = 2 GiB."""
+    """Keep freed memory mapped: else glibc returns it and every update page-faults its activations in (11% of CPU time)."""
     for option, value in ((-4, 0), (-1, 2**31 - 1)) if sys.platform == "linux" else ():  # glibc's mallopt
         ctypes.CDLL(None).mallopt(option, value)
 
@@ -348,8 +362,7 @@ class Replay:
 
     def sequences(self, starts, length, device):
         """Stacks at s-1 .. s+length (1 context + length + 1 next) and the s-1 .. s+length-1 transitions."""
-        frame_index = starts[:, None] + np.arange(-1, length + 1)
-        step_index = frame_index[:, :-1]
+        frame_index, step_index = starts[:, None] + np.arange(-1, length + 1), starts[:, None] + np.arange(-1, length)
         to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
         return (to(self.stacks(frame_index)), to(self.actions[step_index]), to(self.rewards[step_index]),
                 to(self.terminated[step_index]), to(self.truncated[step_index]))
@@ -403,11 +416,8 @@ def mode_z(log_q):
 # ---- Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token. -----------------------
 def sinusoid_table(length, dim):
     """R[p, 2i] = sin(p / 10000^(2i/d)), R[p, 2i+1] = cos(...), for relative distances p = 0 .. length-1."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = 10000 ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)
-    table = torch.zeros(length, dim)
-    table[:, 0::2], table[:, 1::2] = torch.sin(position * frequency), torch.cos(position * frequency)
-    return table
+    angle = torch.arange(length, dtype=torch.float32)[:, None] * 10000 ** (-torch.arange(0, dim, 2.0) / dim)
+    return torch.stack([angle.sin(), angle.cos()], -1).flatten(1)  # (length, dim): sin, cos, sin, cos, ...
 
 class RelativeSelfAttention(nn.Module):
     """Transformer-XL attention: score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}] / √d (official: d = 256)."""
@@ -453,9 +463,8 @@ class XLLayer(nn.Module):
         return self.norm2(x + self.drop(self.ff(x))), keys_values
 
 class TransformerXL(nn.Module):
-    """Layers with a memory of their last `mem_len` tokens; u, v are shared by all layers (official).
-    The memory keeps each layer's keys and values (official: the layer inputs, projected again at every
-    step; the numbers are the same), so an imagination step projects only its 3 new tokens."""
+    """Layers with a memory of their last `mem_len` tokens; u, v are shared by all layers (official). The memory keeps each
+    layer's keys and values (official: its inputs, projected again at every step), so imagination projects 3 new tokens."""
     def __init__(self, args):
         super().__init__()
         d, heads, head_dim = args.dyn_embed_dim, args.dyn_heads, args.dyn_head_dim
@@ -465,8 +474,7 @@ class TransformerXL(nn.Module):
         self.mem_len = 3 * args.wm_memory_length + 2  # 50 tokens: 1 context step + 15 imagined steps fit
         max_len = max(self.mem_len + 3, 3 * (args.wm_sequence_length + 1) - 1)
         self.register_buffer("rel_enc", sinusoid_table(max_len, d), persistent=False)
-        self.pos_drop = nn.Dropout(args.dyn_dropout)
-        self.heads, self.head_dim = heads, head_dim
+        self.pos_drop, self.heads, self.head_dim = nn.Dropout(args.dyn_dropout), heads, head_dim
 
     def forward(self, x, eid, memory=None):
         """x (B, T, d) new tokens with episode ids eid (B, T); memory = (per-layer (keys, values), eids (B, M)).
@@ -577,11 +585,10 @@ def world_model_losses(obs_model, dyn, batch, args, train_encoder=True):
     target_q = torch.cat([log_q[:, 1:], log_q_next], 1).detach().exp()
     next_z_ce = -(target_q * log_p[:, 1:]).sum((-2, -1))  # (B, L), summed over the categoricals
     valid = (~dones[:, 1:]).float()
-    losses = dict(
-        next_z=(next_z_ce * valid).sum() / valid.sum().clamp(min=1),
-        reward=args.dyn_reward_coef * 0.5 * (reward[:, 1:] - rewards[:, 1:]).square().mean(),
-        discount=args.dyn_discount_coef * F.binary_cross_entropy_with_logits(
-            discount_logit[:, 1:], args.gamma * (~terminated[:, 1:]).float()))  # soft target 0.99(1 - terminated)
+    losses = dict(next_z=(next_z_ce * valid).sum() / valid.sum().clamp(min=1),
+                  reward=args.dyn_reward_coef * 0.5 * (reward[:, 1:] - rewards[:, 1:]).square().mean(),
+                  discount=args.dyn_discount_coef * F.binary_cross_entropy_with_logits(
+                      discount_logit[:, 1:], args.gamma * (~terminated[:, 1:]).float()))  # soft target 0.99(1 - terminated)
     if train_encoder:
         losses["decoder"], losses["entropy_hinge"] = observation_losses(obs_model, log_q, z, obs[:, 1:-1], args)
         # consistency: q at o_s .. o_{s+L-1} is pulled toward the detached prediction from h_{s-1} .. h_{s+L-2}
@@ -722,8 +729,7 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
     return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
 
 def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
-    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture (frames scaled up so the text fits); write it to
-    runs/<run>/dreams/<step>.png and to TensorBoard."""
+    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture; write it to runs/<run>/dreams/ and TensorBoard."""
     S, R, n, size = *rows.shape[:3], rows.shape[-1] * scale
     cells = (rows * 255).round().byte().expand(-1, -1, -1, 3, -1, -1).permute(0, 1, 2, 4, 5, 3).cpu().numpy()
     cell_w, cell_h, left, top = size + 8, size + 34, 120, 18 * len(title) + 8
@@ -792,9 +798,8 @@ def train_step(models, optimizers, replay, args, device, autocast):
     dyn.eval()  # imagination without dropout
     with autocast:
         rollout = imagine(dyn, actor, z_seq, batch[1], batch[2], dones, args)
-    dyn.train()
-    with autocast:
         ac_losses = actor_critic_losses(actor, critic, rollout, args)
+    dyn.train()
     optimize(ac_losses["actor"] + ac_losses["critic"], optimizers[2:], args.ac_grad_clip)
     return {**wm_losses, **ac_losses}
 
@@ -807,13 +812,12 @@ def log_metrics(writer, metrics, step):
         writer.add_scalar(f"losses/{name}", value, step)
 
 def log_evaluation(writer, args, returns, step):
-    mean, std = float(returns.mean()), float(returns.std())
-    writer.add_scalar("eval/return_mean", mean, step)
-    writer.add_scalar("eval/return_std", std, step)
-    hns = human_normalized_score(args.env_id, mean)
-    if hns is not None:
-        writer.add_scalar("eval/human_normalized_score", hns, step)
-    return dict(eval_return_mean=mean, eval_return_std=std, human_normalized_score=hns)
+    scores = dict(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
+    scores["human_normalized_score"] = human_normalized_score(args.env_id, scores["eval_return_mean"])
+    for name, value in scores.items():  # eval/return_mean, eval/return_std, eval/human_normalized_score (26 games only)
+        if value is not None:
+            writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
+    return scores
 
 # ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. -----------------------
 RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # all RNGs a run draws from
@@ -831,8 +835,7 @@ def save_checkpoint(path, args, models, optimizers, replay, env, losses, counter
     os.replace(path + ".tmp", path)
 
 def open_run(args):
-    """The run's flags, folder and checkpoint, or one line naming the problem: --resume goes on in the checkpoint's
-    folder with its flags; --eval-checkpoint takes its networks and env protocol, and this command's eval flags."""
+    """Flags, folder and checkpoint: --resume goes on with the stored flags, --eval-checkpoint takes its networks and env."""
     path = args.resume or args.eval_checkpoint
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False) if path else None
@@ -856,8 +859,7 @@ def open_run(args):
     return args, run_dir, checkpoint
 
 def finite(metrics, update, run_dir, problem=None):
-    """The losses as floats (one device sync). A non-finite one (or another `problem`) stops the run before it is
-    logged or saved, naming the last good checkpoint."""
+    """The losses as floats (one device sync); a non-finite one (or a `problem`) stops the run, naming the last checkpoint."""
     values = {name: float(value.detach()) for name, value in metrics.items()}
     problem = problem or next((f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)), 0)
     if problem:
@@ -880,13 +882,11 @@ if __name__ == "__main__":
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     env = make_env(args, train=True)
-    num_actions = int(env.action_space.n)
-    atari = is_atari(args.env_id)
+    num_actions, atari = int(env.action_space.n), is_atari(args.env_id)
     protocol = dict(sticky_actions=0.0 if atari else "env default", frame_skip=4 if atari else 1, num_actions=num_actions,
-                    action_set="minimal" if atari else "env", noop_max_train=args.noop_max, noop_max_eval=0,
-                    life_loss_terminal_train=args.life_loss_terminal, fire_after_life_loss=args.fire_after_life_loss,
-                    max_episode_steps=args.max_episode_steps, observation=f"{args.frame_stack} x {env.observation_space.shape}",
-                    reward="tanh(r) stored", eval_policy="z = mode of q(z|o), actions sampled at temperature 1")
+                    action_set="minimal" if atari else "env", noop_max_eval=0, reward="tanh(r) stored",
+                    observation=f"{args.frame_stack} x {env.observation_space.shape}",
+                    eval_policy="z = mode of q(z|o), actions sampled at temperature 1")  # the rest: flags
     print(f"protocol: {json.dumps(protocol)}")
     writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if resuming else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
