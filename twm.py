@@ -712,7 +712,7 @@ def dream(obs_model, dyn, replay, args, step, sequences=4):
         torch.manual_seed(step)
         dreamt, memory, eid = [z[:, 0]], dyn.start(z[:, 0], actions[:, 0]), actions[:, 0] * 0  # eid: one episode
         for t in range(1, n):
-            z_t, r_in = (z[:, t], rewards[:, t - 1]) if t < context else (sample_z(log_p), reward)
+            z_t, r_in = (z[:, t], rewards[:, t - 1]) if t < context else (sample_z(log_p), reward)  # noqa: F821, F823
             h, memory = dyn.step(r_in, z_t, actions[:, t], eid, eid, memory)
             log_p, reward, discount_logit = dyn.predict(h)  # for the step from frame t: ẑ_{t+1}, r̂_t, γ̂_t
             dreamt.append(z_t)

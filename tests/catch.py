@@ -2,10 +2,10 @@
 
 `gym.make("tests.catch:Catch-v0")` imports this module, which registers the env. The 64x64 RGB screen
 has 8 rows of 8 pixels and 4 columns of 16 pixels (one column per 16x16 patch of IRIS's 4x4 token grid):
-the ball starts in a random column of the top row and falls one row per step; the paddle starts in a random column of the bottom row and moves left, stays or
-moves right. After 7 steps the ball reaches the bottom row: +1 if the paddle is under it, -1 otherwise,
-and the episode ends. The optimum is +1 per episode (every column is reachable in time); a uniformly
-random policy scores -0.50 (standard error 0.006 over 20,000 episodes).
+the ball starts in a random column of the top row and falls one row per step; the paddle starts in a random
+column of the bottom row and moves left, stays or moves right. After 7 steps the ball reaches the bottom
+row: +1 if the paddle is under it, -1 otherwise, and the episode ends. The optimum is +1 per episode (every
+column is reachable in time); a uniformly random policy scores -0.50 (standard error 0.006 over 20,000 episodes).
 """
 
 import gymnasium as gym

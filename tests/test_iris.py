@@ -371,9 +371,9 @@ def logged_losses(run):
 
 @pytest.mark.timeout(300)
 def test_same_seed_same_losses(tmp_path):
-    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "300", "--epochs", "3", "--tok-steps-per-epoch", "4",
-                 "--wm-steps-per-epoch", "4", "--ac-steps-per-epoch", "4", "--ac-start-after", "2",
-                 "--log-every", "2", "--eval-episodes", "2"]
+    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "300", "--epochs", "3",
+             "--tok-steps-per-epoch", "4", "--wm-steps-per-epoch", "4", "--ac-steps-per-epoch", "4", "--ac-start-after", "2",
+             "--log-every", "2", "--eval-episodes", "2"]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")

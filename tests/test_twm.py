@@ -319,9 +319,9 @@ def logged_losses(run):
 
 @pytest.mark.timeout(300)
 def test_same_seed_same_losses(tmp_path):
-    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "560", "--prefill", "500", "--pretrain-obs-updates", "5",
-                 "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "10",
-                 "--eval-episodes", "2"]
+    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "560", "--prefill", "500",
+             "--pretrain-obs-updates", "5", "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "10",
+             "--eval-episodes", "2"]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
