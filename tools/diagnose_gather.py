@@ -4,6 +4,7 @@
 
 On fresh uniformly random play (seed 99), it prints:
   - policy: the final policy's mean return over 32 real games and how often it picks each action;
+  - reconstruction: how often the agent's and the goal's cells read off the autoencoder's reconstructions are right;
   - reward recall: the share of real rewarded steps whose reward the world model predicts (teacher-forced);
   - one-step: how often the agent's cell in the predicted next frame is where the action really put it;
   - oracle dream: reward per step when a scripted optimal policy, reading the dreamt frames, plays 7 steps inside
@@ -38,6 +39,12 @@ def toward_goal(frames):
     action = torch.where(g // 4 < a // 4, 0, torch.where(g // 4 > a // 4, 1, torch.where(g % 4 < a % 4, 2, 3)))
     readable = (agent.sum(1) == 1) & (goal.sum(1) == 1)
     return torch.where(readable, action, torch.randint(0, 4, action.shape))
+
+
+def reconstructed(frames, reconstructions):
+    """Shares of frames whose reconstruction shows the agent, and the goal, in the right cell (and nowhere else)."""
+    (agent, goal), (agent_out, goal_out) = cells(frames), cells(reconstructions)
+    return (agent == agent_out).all(1).float().mean().item(), (goal == goal_out).all(1).float().mean().item()
 
 
 def moved_right(before, action, after):
@@ -97,7 +104,9 @@ def diagnose_twm(checkpoint):
         z_t = twm.sample_z(log_p)
         dreamt.append(r_in / np.tanh(1))  # in reward units
     policy = lambda stacks: twm.act(obs_model, actor, stacks, "cpu")  # noqa: E731
-    return args, policy, recall, one_step, torch.stack(dreamt).mean().item()
+    real = torch.as_tensor(frames[index]).float() / 255
+    recon = reconstructed(real, decode(z[:, 1]))
+    return args, policy, recall, one_step, torch.stack(dreamt).mean().item(), recon
 
 
 @torch.no_grad()
@@ -125,14 +134,15 @@ def diagnose_iris(checkpoint):
         reward, _, frame = iris.world_model_step(world_model, tokenizer, cache, toward_goal(frame))
         dreamt.append(reward)
     policy = lambda frames_, state: iris.act(tokenizer, actor_critic, frames_, state, args.eval_temperature, 0.0, "cpu")  # noqa: E731
-    return args, policy, recall, one_step, torch.stack(dreamt).mean().item()
+    recon = reconstructed(torch.as_tensor(frames[index]).float() / 255, tokenizer.decode(tokens))
+    return args, policy, recall, one_step, torch.stack(dreamt).mean().item(), recon
 
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
     module = twm if checkpoint["script"] == "twm" else iris
-    args, policy, recall, one_step, dream_rate = (diagnose_twm if module is twm else diagnose_iris)(checkpoint)
+    args, policy, recall, one_step, dream_rate, (agent, goal) = (diagnose_twm if module is twm else diagnose_iris)(checkpoint)
     counts = np.zeros(4)
 
     def counting(*inputs):
@@ -142,5 +152,6 @@ if __name__ == "__main__":
     returns = module.evaluate(args, counting, 32, seed=123)
     print(f"policy: return {returns.mean():.2f} over 32 games; actions up/down/left/right "
           f"{np.round(counts / counts.sum(), 2).tolist()}")
+    print(f"reconstruction: agent cell right in {agent:.2f} of frames, goal cell in {goal:.2f}")
     print(f"reward recall: {recall:.2f}   one-step: {one_step:.2f}   oracle dream: {dream_rate:.3f} reward per step "
           f"(real game: 0.37)")
