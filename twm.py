@@ -178,7 +178,7 @@ class Args:
 # The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU (docs/tiny_games.md
 # has the measurements): world-model lr x10; actor lr 1e-4 as official (1e-3 collapsed its entropy to 0.08 in 100
 # updates); one frame per observation (the narrow decoder stalls on 4 stacked frames); no dropout (reward recall 0.60 vs
-# 0.14); the official reward coefficient (100 doubled the reward recall offline, but scored no higher over 6 runs).
+# 0.14); the official reward coefficient (100 doubled the recall offline, but no higher over the Gather and KeyDoor runs).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20, video_every=800,
             frame_stack=1, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16, dyn_layers=2, dyn_heads=2,
             dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_dropout=0.0, dyn_head_layers=2, dyn_z_head_dim=256,
