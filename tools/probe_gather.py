@@ -3,11 +3,15 @@
     python tools/probe_gather.py world-model twm.py [flags]         # a fresh TWM world model on 3,000 random steps
     python tools/probe_gather.py world-model iris.py [flags]        # a fresh IRIS tokenizer, then its GPT, on the same
     python tools/probe_gather.py world-model twm.py --replay runs/<run>/checkpoint.pt [flags]   # on a run's own data
+    python tools/probe_gather.py world-model twm.py --actor-critic 1250 [flags]   # then TWM's actor-critic, world model frozen
     python tools/probe_gather.py actor-critic runs/<iris run>/checkpoint.pt   # more actor-critic steps, world model frozen
 
 `world-model` trains only the world model of `--preset tiny` (plus any flags) for --steps updates on one thread and
 every 500 prints the wall time of the updates, the reward recall and the one-step accuracy of tools/diagnose_gather.py
 (TWM also the oracle dream). IRIS first trains its tokenizer for the preset's tokenizer epochs, then keeps its tokens.
+With `--actor-critic N`, TWM's actor-critic then trains alone for N updates inside the frozen world model; every 250 it
+prints the real return (32 games), the policy's entropy and the imagined reward per step, and at the end where the
+imagined reward comes from: steps onto the goal (read off the dreamt frames), other readable steps, unreadable frames.
 `actor-critic` goes on training the actor-critic of an IRIS checkpoint inside its frozen tokenizer and world model, and
 every 200 steps plays 32 real games at the evaluation temperature.
 """
@@ -42,7 +46,7 @@ def twm_replay(args, checkpoint):
     return replay
 
 
-def probe_twm(args, steps, checkpoint):
+def probe_twm(args, steps, checkpoint, ac_steps):
     replay = twm_replay(args, checkpoint)
     channels = args.frame_stack * replay.frames.shape[1]
     obs_model, dyn = twm.ObservationModel(args, channels), twm.DynamicsModel(args, 4)
@@ -61,6 +65,60 @@ def probe_twm(args, steps, checkpoint):
             recall, one_step, oracle = diagnose.diagnose_twm(checkpoint)[2:5]
             print(f"updates {step}: {seconds:.0f} s, reward recall {recall:.2f}, one-step {one_step:.2f}, "
                   f"oracle dream {oracle:.3f}", flush=True)
+    if ac_steps:
+        twm_actor_critic(args, replay, obs_model.eval(), dyn.eval(), ac_steps)
+
+
+def imagined_batch(args, replay, obs_model, dyn, actor, critic):
+    """One imagination of the training loop from a fresh world-model batch, and its rollout's advantages."""
+    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, args.wm_sequence_length), args.wm_sequence_length, "cpu")
+    with torch.no_grad():
+        _, z_seq, dones = twm.world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
+        rollout = twm.imagine(dyn, actor, z_seq, batch[1], batch[2], dones, args)
+        z, _, rewards, discounts, ends, _ = rollout
+        advantages = twm.lambda_advantages(rewards, critic(z).squeeze(-1), discounts * (~ends), args.lambda_)
+    return rollout, advantages
+
+
+@torch.no_grad()
+def imagined_rewards(args, replay, obs_model, dyn, actor, critic, batches=20):
+    """Reward, advantage and the next frame's readability of imagined steps onto the goal, other readable steps and
+    steps from unreadable frames (the agent or the goal not in exactly one cell of the decoded frame)."""
+    columns = []
+    for _ in range(batches):
+        (z, actions, rewards, _, _, _), advantages = imagined_batch(args, replay, obs_model, dyn, actor, critic)
+        agent, goal = diagnose.cells(obs_model.decode(z.flatten(0, 1)).clamp(0, 1))
+        readable = ((agent.sum(1) == 1) & (goal.sum(1) == 1)).view(z.shape[:2])
+        a, g = (cells.float().argmax(1).view(z.shape[:2])[:, :-1] for cells in (agent, goal))
+        y, x = (a // 4 + diagnose.MOVES[actions, 0]).clamp(0, 3), (a % 4 + diagnose.MOVES[actions, 1]).clamp(0, 3)
+        hit = readable[:, :-1] & (y * 4 + x == g)
+        columns.append(torch.stack([hit, readable[:, :-1], readable[:, 1:], rewards, advantages], -1).flatten(0, 1))
+    hit, readable, next_readable, rewards, advantages = torch.cat(columns).T
+    for name, rows in (("onto the goal", hit == 1), ("other readable", (hit == 0) & (readable == 1)),
+                       ("unreadable", readable == 0)):
+        print(f"  {name}: {rows.float().mean():.1%} of imagined steps, reward {rewards[rows].mean():.3f}, advantage "
+              f"{advantages[rows].mean():+.3f}, next frame readable {next_readable[rows].mean():.2f}", flush=True)
+
+
+def twm_actor_critic(args, replay, obs_model, dyn, steps):
+    """The training loop's actor-critic updates alone, inside the frozen world model."""
+    z_dim = args.z_categoricals * args.z_classes
+    actor, critic = (twm.mlp(z_dim, args.ac_hidden_dim, out, args.ac_layers) for out in (4, 1))
+    optimizers = [torch.optim.Adam(m.parameters(), lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+                  for m, lr in ((actor, args.actor_lr), (critic, args.critic_lr))]
+    policy = lambda stacks: twm.act(obs_model, actor, stacks, "cpu")  # noqa: E731
+    start = time.perf_counter()
+    for step in range(steps + 1):
+        rollout, _ = imagined_batch(args, replay, obs_model, dyn, actor, critic)
+        losses = twm.actor_critic_losses(actor, critic, rollout, args)
+        if step % 250 == 0:
+            returns = twm.evaluate(args, policy, 32, seed=123)
+            print(f"actor-critic updates +{step}: {time.perf_counter() - start:.0f} s, real return {returns.mean():.2f}, "
+                  f"policy entropy {float(losses['policy_entropy']):.2f} of its maximum, imagined reward per step "
+                  f"{rollout[2].mean():.3f}", flush=True)
+        if step < steps:
+            twm.optimize(losses["actor"] + losses["critic"], optimizers, args.ac_grad_clip)
+    imagined_rewards(args, replay, obs_model, dyn, actor, critic)
 
 
 def probe_iris(args, steps):
@@ -122,6 +180,7 @@ if __name__ == "__main__":
     parser.add_argument("target", help="twm.py or iris.py for world-model, an IRIS checkpoint.pt for actor-critic")
     parser.add_argument("--steps", type=int, default=None, help="updates (default 4,000; actor-critic 600)")
     parser.add_argument("--replay", help="TWM: train on this checkpoint's replay instead of random play")
+    parser.add_argument("--actor-critic", type=int, default=0, help="TWM: then this many actor-critic updates, world model frozen")
     known, flags = parser.parse_known_args()
     torch.set_num_threads(1)
     torch.manual_seed(1)
@@ -129,6 +188,6 @@ if __name__ == "__main__":
         probe_actor_critic(known.target, known.steps or 600)
     elif known.target == "twm.py":
         probe_twm(twm.parse_args(["--preset", "tiny", "--env-id", "tests.gather:Gather-v0", *flags]), known.steps or 4000,
-                  known.replay)
+                  known.replay, known.actor_critic)
     else:
         probe_iris(iris.parse_args(["--preset", "tiny", "--env-id", "tests.gather:Gather-v0", *flags]), known.steps or 4000)
