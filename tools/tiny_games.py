@@ -3,10 +3,12 @@
     python tools/tiny_games.py --seeds 1 2 3 --workers 2        # 18 runs, two at a time, one thread each
     python tools/tiny_games.py --table-only                     # the table from docs/results/tiny/
     python tools/tiny_games.py --figure docs/tiny_games.png     # evaluation return against agent steps, from the same
+    python tools/tiny_games.py --scripts twm.py --results docs/results/<variant> -- --critic-lr 1e-5   # a variant
 
 Each run is `python <script> --preset tiny --env-id <game> --seed <seed>` in runs/tiny_<script>_<game>_<seed>; its
 summary.json is copied to docs/results/tiny/, with the run's evaluation curve added. A run whose summary is already
-there is not started again.
+there is not started again. Flags after `--` are added to every run (a variant of the preset); its summaries go to
+--results, and its runs to runs/<that folder's name>_<script>-<game>-<seed>.
 """
 
 import argparse
@@ -19,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "docs" / "results" / "tiny"
+RESULTS, FLAGS = ROOT / "docs" / "results" / "tiny", []  # --results and the flags after `--` replace them
 GAMES = {  # id: (random, optimal), as the games' docstrings state them (checked by tests/test_games.py)
     "tests.catch:Catch-v0": (-0.50, 1.0), "tests.gather:Gather-v0": (0.97, 3.0), "tests.keydoor:KeyDoor-v0": (0.72, 3.0)}
 
@@ -42,14 +44,15 @@ def run(script, game, seed):
     path = result_path(script, game, seed)
     if path.exists():
         return
-    name = path.stem.replace("_", "-")
-    shutil.rmtree(ROOT / "runs" / f"tiny_{name}", ignore_errors=True)
+    name = f"{RESULTS.name}_{path.stem.replace('_', '-')}"
+    shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, script, "--preset", "tiny", "--env-id", game, "--seed", str(seed), "--run-name", f"tiny_{name}"]
+    command = [sys.executable, script, "--preset", "tiny", "--env-id", game, "--seed", str(seed), "--run-name", name, *FLAGS]
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    summary = json.loads((ROOT / "runs" / f"tiny_{name}" / "summary.json").read_text())
-    path.write_text(json.dumps(summary | {"curve": curve(ROOT / "runs" / f"tiny_{name}", summary["total_timesteps"])}, indent=2))
+    summary = json.loads((ROOT / "runs" / name / "summary.json").read_text())
+    summary |= {"flags": FLAGS} if FLAGS else {}
+    path.write_text(json.dumps(summary | {"curve": curve(ROOT / "runs" / name, summary["total_timesteps"])}, indent=2))
     print(path.name, json.loads(path.read_text())["eval_return_mean"], flush=True)
 
 
@@ -96,7 +99,10 @@ if __name__ == "__main__":
     parser.add_argument("--workers", type=int, default=2, help="runs at once (each on one thread)")
     parser.add_argument("--table-only", action="store_true")
     parser.add_argument("--figure", help="draw the evaluation curves of the stored results to this PNG instead")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the folder of the summaries")
+    argv = sys.argv[1:]
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    RESULTS, FLAGS = args.results.resolve(), argv[argv.index("--") + 1:] if "--" in argv else []
     if args.figure:
         figure(args.seeds, args.figure)
     elif not args.table_only:
