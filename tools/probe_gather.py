@@ -69,15 +69,12 @@ def probe_twm(args, steps, checkpoint, ac_steps):
         twm_actor_critic(args, replay, obs_model.eval(), dyn.eval(), ac_steps)
 
 
-def imagined_batch(args, replay, obs_model, dyn, actor, critic):
-    """One imagination of the training loop from a fresh world-model batch, and its rollout's advantages."""
+@torch.no_grad()
+def imagined_batch(args, replay, obs_model, dyn, actor):
+    """One imagination of the training loop, from a fresh world-model batch."""
     batch = replay.sequences(replay.sample_starts(args.wm_batch_size, args.wm_sequence_length), args.wm_sequence_length, "cpu")
-    with torch.no_grad():
-        _, z_seq, dones = twm.world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
-        rollout = twm.imagine(dyn, actor, z_seq, batch[1], batch[2], dones, args)
-        z, _, rewards, discounts, ends, _ = rollout
-        advantages = twm.lambda_advantages(rewards, critic(z).squeeze(-1), discounts * (~ends), args.lambda_)
-    return rollout, advantages
+    _, z_seq, dones = twm.world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
+    return twm.imagine(dyn, actor, z_seq, batch[1], batch[2], dones, args)
 
 
 @torch.no_grad()
@@ -86,7 +83,8 @@ def imagined_rewards(args, replay, obs_model, dyn, actor, critic, batches=20):
     steps from unreadable frames (the agent or the goal not in exactly one cell of the decoded frame)."""
     columns = []
     for _ in range(batches):
-        (z, actions, rewards, _, _, _), advantages = imagined_batch(args, replay, obs_model, dyn, actor, critic)
+        z, actions, rewards, discounts, ends, _ = imagined_batch(args, replay, obs_model, dyn, actor)
+        advantages = twm.lambda_advantages(rewards, critic(z).squeeze(-1), discounts * (~ends), args.lambda_)
         agent, goal = diagnose.cells(obs_model.decode(z.flatten(0, 1)).clamp(0, 1))
         readable = ((agent.sum(1) == 1) & (goal.sum(1) == 1)).view(z.shape[:2])
         a, g = (cells.float().argmax(1).view(z.shape[:2])[:, :-1] for cells in (agent, goal))
@@ -106,10 +104,11 @@ def twm_actor_critic(args, replay, obs_model, dyn, steps):
     actor, critic = (twm.mlp(z_dim, args.ac_hidden_dim, out, args.ac_layers) for out in (4, 1))
     optimizers = [torch.optim.Adam(m.parameters(), lr, eps=args.adam_eps, weight_decay=args.weight_decay)
                   for m, lr in ((actor, args.actor_lr), (critic, args.critic_lr))]
-    policy = lambda stacks: twm.act(obs_model, actor, stacks, "cpu")  # noqa: E731
+    def policy(stacks):
+        return twm.act(obs_model, actor, stacks, "cpu")
     start = time.perf_counter()
     for step in range(steps + 1):
-        rollout, _ = imagined_batch(args, replay, obs_model, dyn, actor, critic)
+        rollout = imagined_batch(args, replay, obs_model, dyn, actor)
         losses = twm.actor_critic_losses(actor, critic, rollout, args)
         if step % 250 == 0:
             returns = twm.evaluate(args, policy, 32, seed=123)

@@ -51,7 +51,8 @@ def run(script, game, seed):
     subprocess.run(command, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     RESULTS.mkdir(parents=True, exist_ok=True)
     summary = json.loads((ROOT / "runs" / name / "summary.json").read_text())
-    summary |= {"flags": FLAGS} if FLAGS else {}
+    if FLAGS:
+        summary["flags"] = FLAGS
     path.write_text(json.dumps(summary | {"curve": curve(ROOT / "runs" / name, summary["total_timesteps"])}, indent=2))
     print(path.name, json.loads(path.read_text())["eval_return_mean"], flush=True)
 
