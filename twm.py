@@ -5,13 +5,21 @@ An observation model turns each 4-frame stack into z (32 categoricals x 32 class
 (z, a, r) tokens predicts the next z, the reward r̂ and the discount γ̂; an actor-critic on z alone learns
 in imagination. Every default is the official code's; `# official:` comments mark where we differ.
 
-    python twm.py --env-id PongNoFrameskip-v4                    # the paper's Atari 100k run (GPU: ~10 h on an A100)
-    python twm.py --preset tiny --env-id tests.catch:Catch-v0    # learns the Catch test game on a laptop CPU
-    python twm.py --help                                         # every hyperparameter, with the paper's value
+    python twm.py --env-id PongNoFrameskip-v4                  # the paper's Atari 100k run (~10 h on an A100)
+    python twm.py --preset tiny --env-id tests.catch:Catch-v0  # learns the Catch test game on a laptop CPU
+    python twm.py --help                                       # every hyperparameter, with the paper's value
 """
 
-import ctypes, json, math, os, random, re, signal, sys, time  # noqa: E401
-from dataclasses import asdict, dataclass, replace
+import ctypes
+import json
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
 from typing import Literal, Optional
 
 import ale_py
@@ -28,11 +36,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 gym.register_envs(ale_py)
+SCRIPT = "twm"  # names its checkpoints, run folders and error lines
 FRAME_SIZE = 64  # every frame is resized to 64x64 (the encoder and decoder shapes assume it)
 
 @dataclass
 class Args:
-    """TWM (Robine et al., ICLR 2023). Defaults are the official code's; `--preset tiny` shrinks it for a CPU."""
+    """TWM (Robine et al., ICLR 2023). Defaults are the official code's; `--preset tiny` suits a CPU."""
     # --- experiment ---
     env_id: str = "PongNoFrameskip-v4"
     """any gymnasium id; ALE games get the Atari protocol, `module:Env-v0` imports `module` first"""
@@ -53,19 +62,15 @@ class Args:
     interim_eval_episodes: int = 10
     """episodes per intermediate evaluation"""
     eval_episodes: int = 100
-    """episodes of the final evaluation and of --eval-checkpoint (the Atari 100k protocol's count; the score)"""
+    """episodes of the final evaluation (the Atari 100k protocol's count)"""
     log_every: int = 100
     """write losses to TensorBoard every this many updates (each write syncs the device)"""
     save_every: int = 10_000
-    """overwrite runs/<run>/checkpoint.pt every this many agent steps (0: only at the end and on Ctrl-C/SIGTERM)"""
+    """overwrite runs/<run>/checkpoint.pt every this many agent steps (0: at the end and on Ctrl-C/SIGTERM)"""
     resume: Optional[str] = None
     """a checkpoint.pt to continue, in its folder, with the flags stored in it: every other flag is ignored"""
-    eval_checkpoint: Optional[str] = None
-    """a checkpoint.pt to evaluate (--eval-episodes games, a dream image, --capture-video) instead of training"""
-    video_every: int = 5000
-    """write a dream image to runs/<run>/dreams/ and TensorBoard every this many updates (0: never)"""
     capture_video: bool = False
-    """save the first game of the final evaluation (and of --eval-checkpoint) as runs/<run>/videos/eval.mp4"""
+    """save the first game of the final evaluation as runs/<run>/videos/eval.mp4"""
     compile: bool = False
     """torch.compile the networks (CUDA speed-up; off by default)"""
     amp: bool = False
@@ -175,30 +180,32 @@ class Args:
     pretrain_ac_updates: int = 7000
     """actor-critic updates on real latent sequences of the prefill data"""
 
-# The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU (docs/tiny_games.md
-# has the measurements): world-model lr x10; actor lr 1e-4 as official (1e-3 collapsed its entropy to 0.08 in 100
-# updates); one frame per observation (the narrow decoder stalls on 4 stacked frames); no dropout (reward recall 0.60 vs
-# 0.14); the official reward coefficient (100 doubled the recall offline, but no higher over the Gather and KeyDoor runs).
-TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20, video_every=800,
-            frame_stack=1, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16, dyn_layers=2, dyn_heads=2,
-            dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_dropout=0.0, dyn_head_layers=2, dyn_z_head_dim=256,
-            dyn_head_dim_rg=64, wm_sequence_length=8, wm_memory_length=8, ac_hidden_dim=128, ac_layers=2, ac_horizon=10,
-            ac_batch_size=64, wm_batch_size=8, wm_lr=1e-3, critic_lr=1e-3, prefill=500, updates_per_step=1.0,
-            pretrain_obs_updates=200, pretrain_obs_batch=64, pretrain_dyn_updates=200, pretrain_ac_updates=100)
+# The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU: world-model
+# lr x10, one frame per observation, no dropout (docs/tiny_games.md has the measurements).
+TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
+            frame_stack=1, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
+            dyn_layers=2, dyn_heads=2, dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_dropout=0.0,
+            dyn_head_layers=2, dyn_z_head_dim=256, dyn_head_dim_rg=64, wm_sequence_length=8,
+            wm_memory_length=8, ac_hidden_dim=128, ac_layers=2, ac_horizon=10, ac_batch_size=64,
+            wm_batch_size=8, wm_lr=1e-3, critic_lr=1e-3, prefill=500, updates_per_step=1.0,
+            pretrain_obs_updates=200, pretrain_obs_batch=64, pretrain_dyn_updates=200,
+            pretrain_ac_updates=100)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
-# Start-up checks: every number a flag sets must be positive, except these: flag -> (what it must be, the test)
-RANGES = {name: (allowed, test) for names, allowed, test in (
-    ("seed save_every video_every noop_max prefill wm_memory_length pretrain_obs_updates pretrain_dyn_updates pretrain_ac_updates "
-     "weight_decay obs_entropy_coef obs_consistency_coef dyn_reward_coef dyn_discount_coef actor_entropy_coef", "0 or more",
-     lambda value: value >= 0), ("z_classes", "at least 2", lambda value: value >= 2),
-    ("gamma lambda_ obs_entropy_threshold actor_entropy_threshold discount_threshold", "in (0, 1]", lambda value: 0 < value <= 1),
-    ("dyn_dropout", "in [0, 1)", lambda value: 0 <= value < 1)) for name in names.split()}
+# Start-up checks: every number a flag sets must be positive, except these (flag -> what it must be).
+RANGES = dict.fromkeys("seed save_every noop_max prefill wm_memory_length pretrain_obs_updates "
+                       "pretrain_dyn_updates pretrain_ac_updates weight_decay obs_entropy_coef "
+                       "obs_consistency_coef dyn_reward_coef dyn_discount_coef actor_entropy_coef".split(),
+                       "0 or more")
+RANGES |= dict.fromkeys("gamma lambda_ obs_entropy_threshold actor_entropy_threshold discount_threshold"
+                        .split(), "in (0, 1]") | dict(z_classes="at least 2", dyn_dropout="in [0, 1)")
+CHECKS = {"positive": lambda x: x > 0, "0 or more": lambda x: x >= 0, "at least 2": lambda x: x >= 2,
+          "in (0, 1]": lambda x: 0 < x <= 1, "in [0, 1)": lambda x: 0 <= x < 1}
 
 def fail(message):
     """Stop with one line that names the problem and the fix, never a traceback."""
     for bar in list(getattr(tqdm, "_instances", [])):  # on a line of its own, after an open progress bar
         bar.close()
-    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'twm.py'}: error: {message}")
+    raise SystemExit(f"{SCRIPT}.py: error: {message}")
 
 def parse_args(argv=None):
     """tyro CLI on top of a preset: `--preset tiny` picks the defaults, any other flag overrides them."""
@@ -207,30 +214,32 @@ def parse_args(argv=None):
     preset = (presets + [value for flag, value in zip(argv, argv[1:]) if flag == "--preset"] + ["paper"])[0]
     args = tyro.cli(Args, args=argv, default=PRESETS.get(preset, PRESETS["paper"]))
     for name, value in asdict(args).items():  # one line for the first wrong flag, with a value that works
-        allowed, test = RANGES.get(name, ("positive", lambda number: number > 0))
-        if type(value) in (int, float) and not test(value):
+        allowed = RANGES.get(name, "positive")
+        if type(value) in (int, float) and not CHECKS[allowed](value):
             flag, default = "--" + re.sub(r"_(?=.)", "-", name), getattr(PRESETS[args.preset], name)
-            fail(f"{flag} {value} must be {allowed}; pass for example {flag} {default} (the {args.preset} preset's)")
+            fail(f"{flag} {value} must be {allowed}; pass for example {flag} {default} "
+                 f"(the {args.preset} preset's)")
     try:  # a name torch does not know, or a device this machine lacks
         torch.empty(0, device=None if args.device == "auto" else args.device)
     except Exception:
-        fail(f"--device {args.device} is not a device of this machine; pass --device auto (cuda when present) or cpu")
+        fail(f"--device {args.device} is not a device of this machine; pass --device auto or cpu")
     if args.run_name and (os.path.isabs(args.run_name) or ".." in re.split(r"[\\/]", args.run_name)):
-        fail(f"--run-name {args.run_name} would write outside runs/; pass a name such as pong_1 or sweep/pong_1")
+        fail(f"--run-name {args.run_name} would write outside runs/; pass a name such as pong_1 or sweep/a_1")
     if args.total_timesteps <= args.prefill:
         fail(f"--total-timesteps {args.total_timesteps} must exceed --prefill {args.prefill}")
     if args.ac_batch_size > (most := args.wm_batch_size * args.wm_sequence_length):
-        fail(f"--ac-batch-size {args.ac_batch_size} must be at most {most} (--wm-batch-size x --wm-sequence-length)")
+        fail(f"--ac-batch-size {args.ac_batch_size} must be at most {most} "
+             "(--wm-batch-size x --wm-sequence-length)")
     return args
 
 def keep_freed_memory():
-    """Keep freed memory mapped: else glibc returns it and every update page-faults its activations in (11% of CPU time)."""
+    """Keep freed memory mapped, else every update page-faults its activations back in (11% of CPU time)."""
     for option, value in ((-4, 0), (-1, 2**31 - 1)) if sys.platform == "linux" else ():  # glibc's mallopt
         ctypes.CDLL(None).mallopt(option, value)
 
-# ---- Environment: the Atari 100k protocol, built from gymnasium's wrappers plus the two it lacks. ----------------
+# ---- Environment: the Atari 100k protocol, built from gymnasium's wrappers plus the two it lacks. --------
 class FireAfterLifeLoss(gym.Wrapper):
-    """Press FIRE (then action 2) at reset and FIRE after every life loss, so a serve never waits (official)."""
+    """Press FIRE (then action 2) at reset and FIRE after every life loss: a serve never waits (official)."""
     def reset(self, **kwargs):
         self.env.reset(**kwargs)
         self.env.step(1)
@@ -263,26 +272,23 @@ class LifeLossSoftReset(gym.Wrapper):
             obs, _, terminated, truncated, info = self.env.step(0)
             if terminated or truncated:
                 obs, info = self.env.reset(**kwargs)
-        self.game_over = False
-        self.lives = self.env.unwrapped.ale.lives()
+        self.game_over, self.lives = False, self.env.unwrapped.ale.lives()
         return obs, info
 
 def is_atari(env_id):
     return str(getattr(gym.registry.get(env_id), "entry_point", "")).startswith("ale_py")
 
 def make_env(args, train):
-    """One env yielding single uint8 frames (c, 64, 64): Atari greyscale (official), other envs their own channels."""
+    """One env of uint8 frames (c, 64, 64): Atari greyscale (official), other envs with their own channels."""
+    ale = dict(frameskip=1, repeat_action_probability=0.0, full_action_space=False,  # not the id's defaults
+               max_num_frames_per_episode=4 * args.max_episode_steps)
     try:
-        if is_atari(args.env_id):  # the protocol is set explicitly, whatever the id's defaults
-            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, full_action_space=False,
-                           max_num_frames_per_episode=4 * args.max_episode_steps)
-        else:
-            env = gym.make(args.env_id)
+        env = gym.make(args.env_id, **(ale if is_atari(args.env_id) else {}))
     except (gym.error.Error, ModuleNotFoundError, ImportError) as error:
-        fail(f"unknown env id '{args.env_id}' ({type(error).__name__}: {error}); use a registered gymnasium id "
-             f"such as PongNoFrameskip-v4, or `module:Env-v0` for an env registered by `module`")
+        fail(f"unknown env id '{args.env_id}' ({type(error).__name__}: {error}); use a registered gymnasium "
+             f"id such as PongNoFrameskip-v4, or `module:Env-v0` for an env registered by `module`")
     if not isinstance(env.action_space, gym.spaces.Discrete):
-        fail(f"env '{args.env_id}' has {type(env.action_space).__name__} actions; TWM needs Discrete actions")
+        fail(f"env {args.env_id} has {type(env.action_space).__name__} actions; TWM needs Discrete actions")
     space = env.observation_space
     if not (isinstance(space, gym.spaces.Box) and space.dtype == np.uint8 and
             (len(space.shape) == 2 or (len(space.shape) == 3 and space.shape[-1] == 3))):
@@ -298,21 +304,24 @@ def make_env(args, train):
             env = FireAfterLifeLoss(env)  # 3.
         if train and args.life_loss_terminal:
             env = LifeLossSoftReset(env)  # 4. evaluation plays whole games
-    else:  # any other image env keeps its channels: RGB stays RGB (colour may carry meaning), HxW stays one channel
+    else:  # other image envs keep their channels: RGB stays RGB (colour may carry meaning), HxW one channel
         env = gym.wrappers.ResizeObservation(gym.wrappers.RecordEpisodeStatistics(env), size)
     # 5. channels first: (H, W[, C]) -> (C, H, W)
     new_space = gym.spaces.Box(0, 255, (*(env.observation_space.shape[2:] or (1,)), *size), np.uint8)
-    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0), new_space)
+    return gym.wrappers.TransformObservation(env, lambda o: np.moveaxis(o.reshape(*size, -1), -1, 0),
+                                             new_space)
 
 # Random and human scores of the 26 Atari 100k games (SPR's table, as in both official repos).
 ATARI_100K_SCORES = {
     "Alien": (227.8, 7127.7), "Amidar": (5.8, 1719.5), "Assault": (222.4, 742.0), "Asterix": (210.0, 8503.3),
-    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1), "Breakout": (1.7, 30.5),
-    "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4), "DemonAttack": (152.1, 1971.0),
-    "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7), "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4),
-    "Jamesbond": (29.0, 302.8), "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5), "KungFuMaster": (258.5, 22736.3),
-    "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6), "PrivateEye": (24.9, 69571.3), "Qbert": (163.9, 13455.0),
-    "RoadRunner": (11.5, 7845.0), "Seaquest": (68.4, 42054.7), "UpNDown": (533.4, 11693.2)}
+    "BankHeist": (14.2, 753.1), "BattleZone": (2360.0, 37187.5), "Boxing": (0.1, 12.1),
+    "Breakout": (1.7, 30.5), "ChopperCommand": (811.0, 7387.8), "CrazyClimber": (10780.5, 35829.4),
+    "DemonAttack": (152.1, 1971.0), "Freeway": (0.0, 29.6), "Frostbite": (65.2, 4334.7),
+    "Gopher": (257.6, 2412.5), "Hero": (1027.0, 30826.4), "Jamesbond": (29.0, 302.8),
+    "Kangaroo": (52.0, 3035.0), "Krull": (1598.0, 2665.5), "KungFuMaster": (258.5, 22736.3),
+    "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6), "PrivateEye": (24.9, 69571.3),
+    "Qbert": (163.9, 13455.0), "RoadRunner": (11.5, 7845.0), "Seaquest": (68.4, 42054.7),
+    "UpNDown": (533.4, 11693.2)}
 
 def human_normalized_score(env_id, score):
     """(score - random) / (human - random) for the 26 games, else None."""
@@ -320,12 +329,12 @@ def human_normalized_score(env_id, score):
     random_score, human_score = ATARI_100K_SCORES.get(game, (None, None))
     return None if random_score is None else (score - random_score) / (human_score - random_score)
 
-# ---- Replay: every frame stored once as uint8; 4-frame stacks are built at sampling time. ------------------------
+# ---- Replay: every frame stored once as uint8; 4-frame stacks are built at sampling time. ----------------
 class Replay:
     """obs[i] is the frame before action[i]; reward/terminated/truncated[i] are what action[i] led to."""
     def __init__(self, capacity, frame_shape, stack, temperature, seed):
         self.frames = np.zeros((capacity + 1, *frame_shape), np.uint8)
-        self.episode_start = np.zeros(capacity + 1, np.int64)  # index of the first frame of each frame's episode
+        self.episode_start = np.zeros(capacity + 1, np.int64)  # the first frame of each frame's episode
         self.actions = np.zeros(capacity, np.int64)
         self.rewards = np.zeros(capacity, np.float32)  # tanh(r), the official reward transform
         self.terminated, self.truncated = np.zeros(capacity, bool), np.zeros(capacity, bool)
@@ -342,12 +351,13 @@ class Replay:
         self.size += 1
 
     def stacks(self, index):
-        """Frame stacks at any integer array of indices: (..., stack, H, W), repeating an episode's first frame."""
-        frame_index = np.maximum(index[..., None] + np.arange(1 - self.stack, 1), self.episode_start[index][..., None])
+        """Frame stacks (..., stack, H, W) at an array of indices; an episode's first frame fills the gap."""
+        frame_index = index[..., None] + np.arange(1 - self.stack, 1)  # (..., stack)
+        frame_index = np.maximum(frame_index, self.episode_start[index][..., None])
         return self.frames[frame_index].reshape(*index.shape, -1, *self.frames.shape[2:])
 
     def sample_starts(self, batch, length, balanced=True):
-        """Balanced sampling: starts without replacement, p ∝ exp(-visits / τ), so new data comes first (else uniform)."""
+        """Starts without replacement, balanced (p ∝ exp(-visits / τ): new data comes first) or uniform."""
         starts, p = self.start_probabilities(length)
         chosen = self.rng.choice(starts, size=batch, replace=False, p=p if balanced else None)
         self.visits[chosen] += balanced  # + 1, or + 0 in pretraining
@@ -362,15 +372,16 @@ class Replay:
 
     def sequences(self, starts, length, device):
         """Stacks at s-1 .. s+length (1 context + length + 1 next) and the s-1 .. s+length-1 transitions."""
-        frame_index, step_index = starts[:, None] + np.arange(-1, length + 1), starts[:, None] + np.arange(-1, length)
-        to = lambda x: torch.as_tensor(x, device=device)  # noqa: E731
-        return (to(self.stacks(frame_index)), to(self.actions[step_index]), to(self.rewards[step_index]),
-                to(self.terminated[step_index]), to(self.truncated[step_index]))
+        frame_index = starts[:, None] + np.arange(-1, length + 1)
+        step_index = starts[:, None] + np.arange(-1, length)
+        arrays = (self.stacks(frame_index), self.actions[step_index], self.rewards[step_index],
+                  self.terminated[step_index], self.truncated[step_index])
+        return tuple(torch.as_tensor(array, device=device) for array in arrays)
 
-# ---- Observation model: a CNN encoder to z (32 categoricals x 32 classes), a transposed CNN back to pixels. ------
+# ---- Observation model: a CNN encoder to z (32 categoricals x 32 classes), a transposed CNN back to pixels.
 def kaiming_init(module, last_gain_one):
-    """Official init: Kaiming-uniform, gain √2 (SiLU counted as ReLU), zero biases; gain 1 on a last linear layer.
-    Only Linear and Conv2d are matched, so ConvTranspose2d keeps PyTorch's default (an official quirk, kept)."""
+    """Official init: Kaiming-uniform, gain √2 (SiLU counted as ReLU), zero biases; gain 1 on a last linear
+    layer. Only Linear and Conv2d are matched: ConvTranspose2d keeps PyTorch's default (an official quirk)."""
     layers = [m for m in module.modules() if type(m) in (nn.Linear, nn.Conv2d)]
     for layer in layers:
         nn.init.kaiming_uniform_(layer.weight, nonlinearity="relu")
@@ -383,44 +394,44 @@ class ObservationModel(nn.Module):
         super().__init__()
         h, c, z_dim = args.obs_channels, in_channels, args.z_categoricals * args.z_classes
         self.z_shape, self.frame_shape = (args.z_categoricals, args.z_classes), (c, FRAME_SIZE, FRAME_SIZE)
-        conv = lambda i, o: (nn.Conv2d(i, o, 4, 2), nn.SiLU())  # noqa: E731  64 -> 31 -> 14 -> 6 -> 2
-        self.encoder = nn.Sequential(
-            *conv(c, h), *conv(h, 2 * h), *conv(2 * h, 4 * h), *conv(4 * h, 8 * h), nn.Flatten(),  # (N, 8h*2*2)
-            nn.Linear(32 * h, args.obs_mlp_dim), nn.SiLU(), nn.Linear(args.obs_mlp_dim, args.obs_mlp_dim), nn.SiLU(),
-            nn.Linear(args.obs_mlp_dim, z_dim))
-        deconv = lambda i, o, k: (nn.ConvTranspose2d(i, o, k, 2), nn.SiLU())  # noqa: E731  1 -> 5 -> 13 -> 30 -> 64
-        self.decoder = nn.Sequential(
+        m = args.obs_mlp_dim
+        self.encoder = nn.Sequential(  # 64 -> 31 -> 14 -> 6 -> 2, then (N, 8h*2*2) -> z logits
+            nn.Conv2d(c, h, 4, 2), nn.SiLU(), nn.Conv2d(h, 2 * h, 4, 2), nn.SiLU(),
+            nn.Conv2d(2 * h, 4 * h, 4, 2), nn.SiLU(), nn.Conv2d(4 * h, 8 * h, 4, 2), nn.SiLU(), nn.Flatten(),
+            nn.Linear(32 * h, m), nn.SiLU(), nn.Linear(m, m), nn.SiLU(), nn.Linear(m, z_dim))
+        self.decoder = nn.Sequential(  # z -> (N, 16h, 1, 1) -> 5 -> 13 -> 30 -> 64
             nn.Linear(z_dim, 16 * h), nn.SiLU(), nn.Unflatten(1, (16 * h, 1, 1)),
-            *deconv(16 * h, 4 * h, 5), *deconv(4 * h, 2 * h, 5), *deconv(2 * h, h, 6), nn.ConvTranspose2d(h, c, 6, 2))
+            nn.ConvTranspose2d(16 * h, 4 * h, 5, 2), nn.SiLU(), nn.ConvTranspose2d(4 * h, 2 * h, 5, 2),
+            nn.SiLU(), nn.ConvTranspose2d(2 * h, h, 6, 2), nn.SiLU(), nn.ConvTranspose2d(h, c, 6, 2))
         kaiming_init(self.encoder, last_gain_one=True)
         kaiming_init(self.decoder, last_gain_one=False)
         self.to(memory_format=torch.channels_last)  # NHWC convolutions: measured 25% faster encoder on CPU
 
     def encode(self, obs):
         """uint8 stacks (..., c, H, W) -> log q(z|o) (..., 32, 32), normalised per categorical."""
-        logits = self.encoder((obs.flatten(0, -4).float() / 255).contiguous(memory_format=torch.channels_last))
-        return logits.view(*obs.shape[:-3], *self.z_shape).log_softmax(-1)
+        pixels = (obs.flatten(0, -4).float() / 255).contiguous(memory_format=torch.channels_last)
+        return self.encoder(pixels).view(*obs.shape[:-3], *self.z_shape).log_softmax(-1)
 
     def decode(self, z):
-        """z (..., 1024) -> mean of the unit-variance Gaussian over pixels (..., c, H, W), pixels in [0, 1]."""
+        """z (..., 1024) -> the mean of a unit-variance Gaussian over pixels (..., c, H, W), in [0, 1]."""
         return self.decoder(z.flatten(0, -2)).view(*z.shape[:-1], *self.frame_shape)
 
 def sample_z(log_q):
-    """One-hot sample with straight-through gradients (sample + probs - sg(probs)), flattened to (..., 1024)."""
+    """One-hot sample, straight-through gradients (sample + probs - sg(probs)), flattened to (..., 1024)."""
     return OneHotCategoricalStraightThrough(logits=log_q).rsample().flatten(-2)
 
 def mode_z(log_q):
     """The most likely class of each categorical, one-hot and flattened: how the policy sees a real frame."""
     return F.one_hot(log_q.argmax(-1), log_q.shape[-1]).float().flatten(-2)
 
-# ---- Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token. -----------------------
+# ---- Dynamics model: a Transformer-XL over (z, a, r) tokens, read out at the action token. ---------------
 def sinusoid_table(length, dim):
     """R[p, 2i] = sin(p / 10000^(2i/d)), R[p, 2i+1] = cos(...), for relative distances p = 0 .. length-1."""
     angle = torch.arange(length, dtype=torch.float32)[:, None] * 10000 ** (-torch.arange(0, dim, 2.0) / dim)
     return torch.stack([angle.sin(), angle.cos()], -1).flatten(1)  # (length, dim): sin, cos, sin, cos, ...
 
 class RelativeSelfAttention(nn.Module):
-    """Transformer-XL attention: score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}] / √d (official: d = 256)."""
+    """Transformer-XL attention: score(i, j) = [(q_i + u)·k_j + (q_i + v)·W_r R_{i-j}] / √d (official)."""
     def __init__(self, args):
         super().__init__()
         self.heads, self.head_dim, self.dropout = args.dyn_heads, args.dyn_head_dim, args.dyn_dropout
@@ -434,16 +445,16 @@ class RelativeSelfAttention(nn.Module):
         """x (B, T, d) new tokens; memory = keys and values of the cached tokens, each (B, nh, M, hs).
         Returns (B, T, d) and the keys and values of all S = M + T tokens."""
         B, T, _ = x.shape
-        heads = lambda t: t.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # noqa: E731  (B, nh, T, hs)
-        q, k, val = (heads(t) for t in self.qkv(x).chunk(3, -1))
+        qkv = self.qkv(x).view(B, T, 3 * self.heads, self.head_dim).transpose(1, 2)  # (B, 3 nh, T, hs)
+        q, k, val = qkv.chunk(3, 1)  # each (B, nh, T, hs)
         k, val = torch.cat([memory[0], k], 2), torch.cat([memory[1], val], 2)  # (B, nh, S, hs)
         S = k.shape[2]
-        r = self.pos(rel_enc[:S]).view(S, self.heads, self.head_dim).transpose(0, 1)  # (nh, S, hs), row p = distance p
+        r = self.pos(rel_enc[:S]).view(S, self.heads, self.head_dim).transpose(0, 1)  # (nh, S, hs): row p
         by_distance = (q + v) @ r.transpose(1, 2)  # (B, nh, T, S): column p scores distance p
         query_pos = torch.arange(S - T, S, device=x.device)[:, None]
         distance = (query_pos - torch.arange(S, device=x.device)).clamp(min=0)  # (T, S), i - j
         bias = by_distance.gather(-1, distance.expand(B, self.heads, T, S)) * self.scale
-        bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(q.dtype)  # the position term enters as a bias
+        bias = bias.masked_fill(~allowed[:, None], float("-inf")).to(q.dtype)  # the position term as a bias
         y = F.scaled_dot_product_attention(q + u, k, val, attn_mask=bias, scale=self.scale,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         return self.out(y.transpose(1, 2).reshape(B, T, -1)), (k, val)
@@ -454,7 +465,8 @@ class XLLayer(nn.Module):
         super().__init__()
         d, p = args.dyn_embed_dim, args.dyn_dropout
         self.attn = RelativeSelfAttention(args)
-        self.ff = nn.Sequential(nn.Linear(d, args.dyn_ff_dim), nn.SiLU(), nn.Dropout(p), nn.Linear(args.dyn_ff_dim, d))
+        ff = args.dyn_ff_dim
+        self.ff = nn.Sequential(nn.Linear(d, ff), nn.SiLU(), nn.Dropout(p), nn.Linear(ff, d))
         self.norm1, self.norm2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(p)
 
     def forward(self, x, memory, rel_enc, u, v, allowed):
@@ -463,8 +475,8 @@ class XLLayer(nn.Module):
         return self.norm2(x + self.drop(self.ff(x))), keys_values
 
 class TransformerXL(nn.Module):
-    """Layers with a memory of their last `mem_len` tokens; u, v are shared by all layers (official). The memory keeps each
-    layer's keys and values (official: its inputs, projected again at every step), so imagination projects 3 new tokens."""
+    """Layers with a memory of their last `mem_len` tokens; u, v shared by all layers (official). The memory
+    keeps each layer's keys and values (official: its inputs, projected again), so a step adds 3 tokens."""
     def __init__(self, args):
         super().__init__()
         d, heads, head_dim = args.dyn_embed_dim, args.dyn_heads, args.dyn_head_dim
@@ -477,7 +489,7 @@ class TransformerXL(nn.Module):
         self.pos_drop, self.heads, self.head_dim = nn.Dropout(args.dyn_dropout), heads, head_dim
 
     def forward(self, x, eid, memory=None):
-        """x (B, T, d) new tokens with episode ids eid (B, T); memory = (per-layer (keys, values), eids (B, M)).
+        """x (B, T, d) new tokens, episode ids eid (B, T); memory = (per-layer (keys, values), eids (B, M)).
         A token sees earlier tokens of its own episode only. Returns (B, T, d) and the updated memory."""
         if memory is None:
             empty = x.new_zeros(x.shape[0], self.heads, 0, self.head_dim)
@@ -514,16 +526,17 @@ class DynamicsModel(nn.Module):
         kaiming_init(self.embed_z, last_gain_one=False)
         kaiming_init(self.embed_r, last_gain_one=False)
         self.transformer = TransformerXL(args)
-        head = lambda hidden, out: prediction_head(d, hidden, out, args.dyn_head_layers, args.dyn_dropout)  # noqa
-        self.z_head, self.reward_head = head(args.dyn_z_head_dim, z_dim), head(args.dyn_head_dim_rg, 1)
-        self.discount_head = head(args.dyn_head_dim_rg, 1)
-        nn.init.constant_(self.discount_head[-1].bias, 0.99)  # official: 0.99 in logit space, so σ(0.99) ≈ 0.73
+        layers, dropout = args.dyn_head_layers, args.dyn_dropout
+        self.z_head = prediction_head(d, args.dyn_z_head_dim, z_dim, layers, dropout)
+        self.reward_head = prediction_head(d, args.dyn_head_dim_rg, 1, layers, dropout)
+        self.discount_head = prediction_head(d, args.dyn_head_dim_rg, 1, layers, dropout)
+        nn.init.constant_(self.discount_head[-1].bias, 0.99)  # official: 0.99 as a logit, so σ(0.99) ≈ 0.73
 
     def forward(self, z, actions, rewards, dones):
-        """Training. z (B, T, 1024), actions (B, T), rewards and dones (B, T-1) -> h_k at the action tokens (B, T, d).
+        """Training. z (B, T, 1024), actions (B, T), rewards, dones (B, T-1) -> h_k at a_k tokens (B, T, d).
         Tokens: [z0, a0, r0, z1, a1, r1, ..., z_{T-1}, a_{T-1}], so h_k has seen z_≤k, a_≤k and r_<k."""
         rewards = F.pad(rewards, (0, 1))[..., None]  # (B, T, 1): the last step has no reward token
-        tokens = torch.stack([self.embed_z(z), self.embed_a(actions), self.embed_r(rewards)], 2)  # (B, T, 3, d)
+        tokens = torch.stack([self.embed_z(z), self.embed_a(actions), self.embed_r(rewards)], 2)  # (B,T,3,d)
         step_eid = F.pad(dones.long().cumsum(1), (1, 0))  # (B, T): episode ends before each step
         h, _ = self.transformer(tokens.flatten(1, 2)[:, :-1], step_eid.repeat_interleave(3, 1)[:, :-1])
         return h[:, 1::3]
@@ -540,13 +553,13 @@ class DynamicsModel(nn.Module):
         return h[:, -1], memory
 
     def predict(self, h):
-        """From h_t: log p(ẑ_{t+1}) (..., 32, 32), the reward mean r̂_t (...,), the discount logit of γ̂_t (...,)."""
+        """From h_t: log p(ẑ_{t+1}) (..., 32, 32), the mean reward r̂_t (...,), the logit of γ̂_t (...,)."""
         log_p = self.z_head(h).view(*h.shape[:-1], *self.z_shape).log_softmax(-1)
         return log_p, self.reward_head(h).squeeze(-1), self.discount_head(h).squeeze(-1)
 
-# ---- Actor and critic: MLPs on z alone, so acting in the real game needs only the encoder and the actor. ---------
+# ---- Actor and critic: MLPs on z alone, so acting in the real game needs only the encoder and the actor.
 def mlp(in_dim, hidden, out, layers):
-    """[Linear, SiLU] x layers, then Linear; orthogonal init, gain √2 on hidden layers and 1 on the output."""
+    """[Linear, SiLU] x layers, then Linear; orthogonal init, gain √2 on hidden layers, 1 on the output."""
     modules, width = [], in_dim
     for _ in range(layers):
         modules += [nn.Linear(width, hidden), nn.SiLU()]
@@ -558,10 +571,10 @@ def mlp(in_dim, hidden, out, layers):
             nn.init.zeros_(layer.bias)
     return net
 
-# ---- Losses and returns. -----------------------------------------------------------------------------------------
+# ---- Losses and returns. ---------------------------------------------------------------------------------
 def observation_losses(obs_model, log_q, z, obs, args):
-    """-log N(o; ô, 1) summed over all pixels (official; a per-pixel mean would shrink it 16384x) and averaged
-    over stacks, plus the entropy hinge on the batch-mean entropy of q (constants of the log-densities dropped)."""
+    """-log N(o; ô, 1) summed over all pixels (official; a per-pixel mean would shrink it 16384x) and
+    averaged over stacks, plus the entropy hinge on the batch-mean entropy of q (constants dropped)."""
     decoder = 0.5 * (obs_model.decode(z) - obs.float() / 255).square().sum((-3, -2, -1)).mean()
     entropy = -(log_q.exp() * log_q).sum((-2, -1)).mean()  # H(q) summed over the categoricals
     max_entropy = args.z_categoricals * math.log(args.z_classes)
@@ -581,18 +594,21 @@ def world_model_losses(obs_model, dyn, batch, args, train_encoder=True):
         z = sample_z(log_q)
     z_in = torch.cat([z_context, z.detach()], 1)  # (B, L+1, 1024)
     log_p, reward, discount_logit = dyn.predict(dyn(z_in, actions, rewards[:, :-1], dones[:, :-1]))
-    # h_k predicts z_{k+1}: predictions from h_s .. h_{s+L-1} against q at o_{s+1} .. o_{s+L}; none across an end
+    # h_k predicts z_{k+1}: from h_s .. h_{s+L-1} against q at o_{s+1} .. o_{s+L}; none across an end
     target_q = torch.cat([log_q[:, 1:], log_q_next], 1).detach().exp()
     next_z_ce = -(target_q * log_p[:, 1:]).sum((-2, -1))  # (B, L), summed over the categoricals
     valid = (~dones[:, 1:]).float()
+    discount_target = args.gamma * (~terminated[:, 1:]).float()  # soft: 0.99 (1 - terminated)
     losses = dict(next_z=(next_z_ce * valid).sum() / valid.sum().clamp(min=1),
                   reward=args.dyn_reward_coef * 0.5 * (reward[:, 1:] - rewards[:, 1:]).square().mean(),
                   discount=args.dyn_discount_coef * F.binary_cross_entropy_with_logits(
-                      discount_logit[:, 1:], args.gamma * (~terminated[:, 1:]).float()))  # soft target 0.99(1 - terminated)
+                      discount_logit[:, 1:], discount_target))
     if train_encoder:
-        losses["decoder"], losses["entropy_hinge"] = observation_losses(obs_model, log_q, z, obs[:, 1:-1], args)
-        # consistency: q at o_s .. o_{s+L-1} is pulled toward the detached prediction from h_{s-1} .. h_{s+L-2}
-        losses["consistency"] = -args.obs_consistency_coef * (log_p[:, :-1].detach().exp() * log_q).sum((-2, -1)).mean()
+        decoder, entropy_hinge = observation_losses(obs_model, log_q, z, obs[:, 1:-1], args)
+        losses.update(decoder=decoder, entropy_hinge=entropy_hinge)
+        # consistency: q at o_s .. o_{s+L-1} is pulled toward the detached prediction of h_{s-1} .. h_{s+L-2}
+        consistency_ce = -(log_p[:, :-1].detach().exp() * log_q).sum((-2, -1)).mean()
+        losses["consistency"] = args.obs_consistency_coef * consistency_ce
     return losses, z_in.detach(), dones
 
 def lambda_advantages(rewards, values, discounts, lambda_):
@@ -606,8 +622,8 @@ def lambda_advantages(rewards, values, discounts, lambda_):
     return torch.stack(advantages[::-1], 1)
 
 def actor_critic_losses(actor, critic, rollout, args, policy_gradient=True):
-    """Critic: weighted ½(V - R^λ)²; actor: REINFORCE on the pre-update advantages plus η·max(0, Γ - H̄/ln A),
-    a penalty only when the batch-mean normalised entropy drops below Γ. Pretraining maximises entropy only."""
+    """Critic: weighted ½(V - R^λ)²; actor: REINFORCE on the pre-update advantages plus η max(0, Γ - H̄/ln A),
+    a penalty only when the batch-mean normalised entropy drops below Γ. Pretraining maximises entropy."""
     z, actions, rewards, discounts, ends, weights = rollout  # z (N, H+1, 1024); the others (N, H)
     values = critic(z).squeeze(-1)  # (N, H+1)
     advantages = lambda_advantages(rewards, values.detach(), discounts * (~ends), args.lambda_)
@@ -631,13 +647,13 @@ def optimize(loss, optimizers, clip):
         nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], clip)
         optimizer.step()
 
-# ---- Imagination: H steps from random windows of the world-model batch, the memory as an exact cache. ------------
+# ---- Imagination: H steps from random windows of the world-model batch, the memory as an exact cache. ---
 @torch.no_grad()
 def imagine(dyn, actor, z_seq, actions, rewards, dones, args):
-    """Start from N windows (z_{k-1}, a_{k-1}, r_{k-1}, z_k) of the batch (one real step of context) and roll out
-    H steps feeding back r̂. When the cumulative γ̂ since a (re)start drops below the threshold, the trajectory
-    ends (d_t = 1) and restarts from a random real latent; loss weights are the cumulative γ̂ products.
-    official: restarts encode a random buffer frame; we draw a latent of the (balanced) batch, already encoded."""
+    """Start from N windows (z_{k-1}, a_{k-1}, r_{k-1}, z_k) of the batch (one real step of context) and roll
+    out H steps feeding back r̂. When the cumulative γ̂ since a (re)start drops below the threshold, the
+    trajectory ends (d_t = 1) and restarts from a random real latent; loss weights are the cumulative γ̂.
+    official: restarts encode a random buffer frame; we draw a latent of the (balanced) batch, encoded."""
     B, T, _ = z_seq.shape
     pick = torch.randperm(B * (T - 1), device=z_seq.device)[:args.ac_batch_size]  # uniform, no replacement
     b, k = pick // (T - 1), pick % (T - 1) + 1
@@ -662,24 +678,25 @@ def imagine(dyn, actor, z_seq, actions, rewards, dones, args):
         reward_eid, eid = eid, eid + end.long()
     return tuple(torch.stack(values, 1) for values in trajectory.values())
 
-# ---- Acting and evaluation. --------------------------------------------------------------------------------------
+# ---- Acting and evaluation. ------------------------------------------------------------------------------
 @torch.no_grad()
 def act(obs_model, actor, stacks, device):
-    """Acting needs only the encoder and the actor: z = mode of q(z|o), a ~ π(a|z) (sampled, also in evaluation)."""
+    """Acting needs only the encoder and the actor: z = mode of q(z|o), a ~ π(a|z), also in evaluation."""
     z = mode_z(obs_model.encode(torch.as_tensor(stacks, device=device)))
     return Categorical(logits=actor(z)).sample().cpu().numpy()
 
 def evaluate(args, policy, episodes, seed, video=None, lockstep=16):
     """Whole games without no-ops, raw score. Up to `lockstep` envs play together and all finish before new
-    ones start, so short games are not favoured (official). A list `video` receives the first game's frames."""
+    ones start, so short games are not favoured (official). A list `video` gets the first game's frames."""
     returns = []
     while len(returns) < episodes:
         envs = [make_env(args, train=False) for _ in range(min(lockstep, episodes - len(returns)))]
         frames = np.stack([env.reset(seed=seed + len(returns) + i)[0] for i, env in enumerate(envs)])
         stacks = np.concatenate([frames] * args.frame_stack, 1)  # (n, stack * c, H, W)
         scores, done = np.zeros(len(envs)), np.zeros(len(envs), bool)
-        record = video.append if video is not None and not returns else lambda frame: None  # the first game only
-        record(frames[0])
+        record = video is not None and not returns  # the first game only
+        if record:
+            video.append(frames[0])
         while not done.all():
             actions = policy(stacks)
             for i in np.flatnonzero(~done):
@@ -687,84 +704,34 @@ def evaluate(args, policy, episodes, seed, video=None, lockstep=16):
                 scores[i] += reward
                 done[i] = terminated or truncated
                 stacks[i] = np.concatenate([stacks[i, len(frame):], frame])
-                if i == 0:
-                    record(frame)
+                if record and i == 0:
+                    video.append(frame)
         returns += scores.tolist()
         for env in envs:
             env.close()
     return np.array(returns)
 
-# ---- Dreams: what the world model imagines next to what really happened. ----------------------------------------
-@torch.no_grad()
-def dream(obs_model, dyn, replay, args, step, sequences=4):
-    """Rows of a dream image for random windows of real play, each in one episode: real frames, reconstructions, the
-    open-loop dream driven by the real actions (real z for `context` frames, then its own ẑ and r̂), |real - dream|."""
-    length, context = min(16, args.wm_sequence_length), max(2, min(16, args.wm_sequence_length) // 4)
-    n = min(length, np.bincount(replay.episode_start[:replay.size]).max())  # no longer than the longest episode
-    starts = np.flatnonzero(replay.episode_start[n - 1:replay.size] <= np.arange(replay.size - n + 1))  # in one
-    starts = np.random.default_rng(step).choice(starts, sequences)  # frames s .. s+n-1
-    stacks, actions, rewards, terminated, truncated = replay.sequences(starts + 1, n - 1, dyn.z_head[-1].weight.device)
-    real_text = [[f"a={a} r={r + 0:+.2f}" + " end" * e for a, r, e in zip(*row)]  # what really followed (+ 0: no "-0")
-                 for row in zip(actions.tolist(), rewards.tolist(), (terminated | truncated).tolist())]
-    z, dream_text = mode_z(obs_model.encode(stacks[:, :-1])), [["context"] * context for _ in starts]  # z (S, n, 1024)
-    dyn.eval()
-    with torch.random.fork_rng():  # seeded by `step`, and training's RNG is left alone
-        torch.manual_seed(step)
-        dreamt, memory, eid = [z[:, 0]], dyn.start(z[:, 0], actions[:, 0]), actions[:, 0] * 0  # eid: one episode
-        for t in range(1, n):
-            z_t, r_in = (z[:, t], rewards[:, t - 1]) if t < context else (sample_z(log_p), reward)  # noqa: F821, F823
-            h, memory = dyn.step(r_in, z_t, actions[:, t], eid, eid, memory)
-            log_p, reward, discount_logit = dyn.predict(h)  # for the step from frame t: ẑ_{t+1}, r̂_t, γ̂_t
-            dreamt.append(z_t)
-            for s, (r, g) in enumerate(zip(reward.tolist(), torch.sigmoid(discount_logit).tolist()) if t >= context else []):
-                dream_text[s].append(f"dream\nr={r:+.2f} " + ("end" if g < 0.5 else f"g={g:.2f}"))
-    dyn.train()  # its mode between updates
-    c = replay.frames.shape[1]  # channels of one frame: the newest frame of a stack is its last c channels
-    decode = lambda z_: obs_model.decode(z_)[:, :, -c:].clamp(0, 1)  # noqa: E731
-    real, imagined = stacks[:, :-1, -c:].float() / 255, decode(torch.stack(dreamt, 1))
-    rows = torch.stack([real, decode(z), imagined, (real - imagined).abs()], 1)  # (S, 4, n, 1, H, W) in [0, 1]
-    title = [f"TWM dream after agent step {step}: {sequences} random windows of real play, each in one episode. Rows: real (a = "
-             "action, r = tanh reward, end), reconstruction, dream, |real - dream|. Dream: green = context (real z fed in),",
-             "red = imagined from its own samples and the real actions; r, g = predicted tanh reward and discount (end: g < 0.5)."]
-    return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
+def write_video(path, frames):
+    """Frames (c, 64, 64), greyscale or RGB, as an MP4 (mp4v codec), each pixel a 4x4 block."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    mp4 = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 15, (256, 256))
+    for frame in frames:
+        image = np.moveaxis(frame, 0, -1).repeat(4, 0).repeat(4, 1)
+        mp4.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if len(frame) == 1 else cv2.COLOR_RGB2BGR))
+    mp4.release()
 
-def write_dream_image(writer, run_dir, step, rows, captions, context, title, scale=2):
-    """Lay out dream rows (S, 4, n, c, H, W) as one labelled picture; write it to runs/<run>/dreams/ and TensorBoard."""
-    S, R, n, size = *rows.shape[:3], rows.shape[-1] * scale
-    cells = (rows * 255).round().byte().expand(-1, -1, -1, 3, -1, -1).permute(0, 1, 2, 4, 5, 3).cpu().numpy()
-    cell_w, cell_h, left, top = size + 8, size + 34, 120, 18 * len(title) + 8
-    image = np.full((top + S * (R * cell_h + 12), left + n * cell_w, 3), 48, np.uint8)  # RGB, grey between frames
-    text = lambda s, x, y, color=(255, 255, 255): cv2.putText(  # noqa: E731
-        image, s, (x, y), cv2.FONT_HERSHEY_SIMPLEX, 0.4, color, 1, cv2.LINE_AA)
-    for i, line in enumerate(title):
-        text(line, 4, 16 + 18 * i)
-    for s, r, t in np.ndindex(S, R, n):
-        x, y = left + t * cell_w + 4, top + s * (R * cell_h + 12) + r * cell_h + 4
-        image[y:y + size, x:x + size] = cells[s, r, t].repeat(scale, 0).repeat(scale, 1)
-        color = ((80, 220, 80) if t < context else (255, 80, 80)) if r == 2 else (255, 255, 255)
-        if r == 2:
-            cv2.rectangle(image, (x - 3, y - 3), (x + size + 2, y + size + 2), color, 2)
-        for i, line in enumerate(captions[s][r][t].split("\n")):
-            text(line, x, y + size + 14 + 13 * i, color)
-        if t == 0:
-            text(f"{s + 1}: " + ("real", "reconstruction", "dream", "|real - dream|")[r], 4, y + size // 2)
-    os.makedirs(os.path.join(run_dir, "dreams"), exist_ok=True)
-    cv2.imwrite(os.path.join(run_dir, "dreams", f"{step:07d}.png"), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-    writer.add_image("dreams", image, step, dataformats="HWC")
-    return image
-
-# ---- Training: the pretraining phase on the random prefill, then one update = 1 world-model + 1 actor-critic step.
+# ---- Training: pretraining on the random prefill, then updates of 1 world-model + 1 actor-critic step. --
 def pretrain(models, optimizers, replay, args, device, done, stop):
-    """official: observation model alone, then dynamics with the encoder frozen, then the critic on real latent
-    sequences while the actor only maximises entropy. Batches are uniform and leave the visit counts alone. Goes on
-    after `done` updates and returns the count: short of the total where Ctrl-C or SIGTERM (`stop`) ended it."""
+    """official: the observation model alone, then the dynamics with the encoder frozen, then the critic on
+    real latent sequences while the actor only maximises entropy. Batches are uniform and leave the visit
+    counts alone. Goes on after `done` updates; returns the count, short if Ctrl-C or SIGTERM stopped it."""
     obs_model, dyn, actor, critic = models
-    L, H = args.wm_sequence_length, args.ac_horizon
-    ends = np.cumsum([args.pretrain_obs_updates, args.pretrain_dyn_updates, args.pretrain_ac_updates]).tolist()
-    with tqdm(total=ends[-1], initial=done, leave=False, dynamic_ncols=True) as progress:
+    L, H, parts = args.wm_sequence_length, args.ac_horizon, ("observation model", "dynamics", "critic")
+    ends = np.cumsum([args.pretrain_obs_updates, args.pretrain_dyn_updates, args.pretrain_ac_updates])
+    with tqdm(total=int(ends[-1]), initial=done, leave=False, dynamic_ncols=True) as progress:
         while done < ends[-1] and not stop:
-            part = sum(done >= end for end in ends)  # 0, 1, 2
-            progress.set_description(("pretrain observation model", "pretrain dynamics", "pretrain critic")[part], False)
+            part = int((done >= ends).sum())  # 0, 1, 2
+            progress.set_description(f"pretrain {parts[part]}", False)
             if part == 0:
                 index = replay.rng.choice(replay.size + 1, args.pretrain_obs_batch, replace=False)
                 stacks = torch.as_tensor(replay.stacks(index), device=device)  # (N, stack * c, H, W)
@@ -772,7 +739,8 @@ def pretrain(models, optimizers, replay, args, device, done, stop):
                 losses = observation_losses(obs_model, log_q, sample_z(log_q), stacks, args)
                 optimize(sum(losses), optimizers[:1], args.wm_grad_clip)
             elif part == 1:
-                batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L, balanced=False), L, device)
+                starts = replay.sample_starts(args.wm_batch_size, L, balanced=False)
+                batch = replay.sequences(starts, L, device)
                 losses, _, _ = world_model_losses(obs_model, dyn, batch, args, train_encoder=False)
                 optimize(sum(losses.values()), optimizers[1:2], args.wm_grad_clip)
             else:
@@ -789,9 +757,10 @@ def pretrain(models, optimizers, replay, args, device, done, stop):
     return done
 
 def train_step(models, optimizers, replay, args, device, autocast):
-    """One world-model step on a balanced batch, then imagination from that batch and one actor and critic step."""
+    """One world-model step on a balanced batch, then imagination from it and one actor and critic step."""
     obs_model, dyn, actor, critic = models
-    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, args.wm_sequence_length), args.wm_sequence_length, device)
+    L = args.wm_sequence_length
+    batch = replay.sequences(replay.sample_starts(args.wm_batch_size, L), L, device)
     with autocast:
         wm_losses, z_seq, dones = world_model_losses(obs_model, dyn, batch, args)
     optimize(sum(wm_losses.values()), optimizers[:2], args.wm_grad_clip)
@@ -812,65 +781,65 @@ def log_metrics(writer, metrics, step):
         writer.add_scalar(f"losses/{name}", value, step)
 
 def log_evaluation(writer, args, returns, step):
+    """eval/return_mean, eval/return_std and eval/human_normalized_score (26 games only)."""
     scores = dict(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
     scores["human_normalized_score"] = human_normalized_score(args.env_id, scores["eval_return_mean"])
-    for name, value in scores.items():  # eval/return_mean, eval/return_std, eval/human_normalized_score (26 games only)
+    for name, value in scores.items():
         if value is not None:
             writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
     return scores
 
-# ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. -----------------------
-RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # all RNGs a run draws from
-        (torch.get_rng_state, torch.set_rng_state), (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
+# ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. ---------------
+RNGS = ((random.getstate, random.setstate), (np.random.get_state, np.random.set_state),  # every RNG of a run
+        (torch.get_rng_state, torch.set_rng_state),
+        (torch.cuda.get_rng_state_all, torch.cuda.set_rng_state_all))
 
 def save_checkpoint(path, args, models, optimizers, replay, env, losses, counters):
-    """Networks, optimisers, the filled part of the replay, every RNG, the last (finite) losses and the training env
-    itself (cloudpickle: gymnasium's wrappers hold lambdas), via a temporary file: a crash never leaves half a file."""
-    ale = is_atari(args.env_id) and (env.unwrapped.clone_state(include_rng=True), env.unwrapped.np_random, env.action_space)
-    checkpoint = dict(script="twm", args=asdict(args), models=[m.state_dict() for m in models], losses=losses,
-                      optimizers=[o.state_dict() for o in optimizers], rng=[get() for get, _ in RNGS], env=env,
-                      replay={k: v[:replay.size + 1] if isinstance(v, np.ndarray) else v for k, v in vars(replay).items()},
-                      ale=ale, counters=counters)
+    """Networks, optimisers, the filled part of the replay, every RNG, the last (finite) losses and the env
+    (cloudpickle: gymnasium's wrappers hold lambdas), through a temporary file: a crash leaves no half one."""
+    game = env.unwrapped
+    ale = is_atari(args.env_id) and (game.clone_state(include_rng=True), game.np_random, env.action_space)
+    filled = {k: v[:replay.size + 1] if isinstance(v, np.ndarray) else v for k, v in vars(replay).items()}
+    checkpoint = dict(script=SCRIPT, args=asdict(args), models=[m.state_dict() for m in models],
+                      optimizers=[o.state_dict() for o in optimizers], rng=[get() for get, _ in RNGS],
+                      losses=losses, env=env, replay=filled, ale=ale, counters=counters)
     torch.save(checkpoint, path + ".tmp", pickle_module=cloudpickle)
     os.replace(path + ".tmp", path)
 
 def open_run(args):
-    """Flags, folder and checkpoint: --resume goes on with the stored flags, --eval-checkpoint takes its networks and env."""
-    path = args.resume or args.eval_checkpoint
+    """Flags, folder and checkpoint: --resume goes on in the run's folder with the flags stored in it."""
+    path = args.resume
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False) if path else None
     except Exception as error:  # missing, or truncated or foreign: unpickling can fail anywhere
-        fail(f"cannot read checkpoint {path} ({type(error).__name__}); pass the intact checkpoint.pt of a run, "
-             f"runs/<run-name>/checkpoint.pt")
+        fail(f"cannot read checkpoint {path} ({type(error).__name__}); pass the intact checkpoint.pt of a "
+             f"run, runs/<run-name>/checkpoint.pt")
     script = checkpoint.get("script") if isinstance(checkpoint, dict) else None
-    if path and script != "twm":
-        fail(f"{path} is not a checkpoint of twm.py" + (f" but of {script}.py; pass it to {script}.py" if script else ""))
-    if args.resume:
-        return Args(**checkpoint["args"]), os.path.dirname(os.path.abspath(path)), checkpoint
-    if args.eval_checkpoint and (game := checkpoint["args"]["env_id"]) != args.env_id:
-        fail(f"{path} is a checkpoint of {game}, not of --env-id {args.env_id}; pass --env-id {game}")
-    if checkpoint:
-        args = replace(Args(**checkpoint["args"]), eval_checkpoint=path, run_name=args.run_name, device=args.device,
-                       eval_episodes=args.eval_episodes, capture_video=args.capture_video)
-    name = args.run_name or f"{re.sub(r'[^A-Za-z0-9_.-]', '_', args.env_id)}__twm__{args.seed}__{int(time.time())}"
-    run_dir = os.path.join("runs", name)
+    if path and script != SCRIPT:
+        other = f" but of {script}.py; pass it to {script}.py" if script else ""
+        fail(f"{path} is not a checkpoint of {SCRIPT}.py{other}")
+    if args.resume:  # flags an older checkpoint holds and the script has since dropped are left out
+        stored = {key: value for key, value in checkpoint["args"].items() if key in Args.__dataclass_fields__}
+        return Args(**stored), os.path.dirname(os.path.abspath(path)), checkpoint
+    env_name = re.sub(r"[^A-Za-z0-9_.-]", "_", args.env_id)
+    run_dir = os.path.join("runs", args.run_name or f"{env_name}__{SCRIPT}__{args.seed}__{int(time.time())}")
     if os.path.isdir(run_dir) and os.listdir(run_dir):
-        fail(f"{run_dir} already holds a run; pass another --run-name, or continue it with --resume {run_dir}/checkpoint.pt")
+        fail(f"{run_dir} already holds a run; pass another --run-name, or continue it with --resume "
+             f"{run_dir}/checkpoint.pt")
     return args, run_dir, checkpoint
 
 def finite(metrics, update, run_dir, problem=None):
-    """The losses as floats (one device sync); a non-finite one (or a `problem`) stops the run, naming the last checkpoint."""
+    """The losses as floats (one device sync); a non-finite one or a `problem` stops the run in one line."""
     values = {name: float(value.detach()) for name, value in metrics.items()}
-    problem = problem or next((f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)), 0)
-    if problem:
+    bad = [f"loss {k} is {v} at update {update}" for k, v in values.items() if not math.isfinite(v)]
+    if problem or bad:
         last = os.path.join(run_dir, "checkpoint.pt")
-        fail(f"{problem}; stopped without writing a checkpoint (last good one: {last if os.path.exists(last) else 'none'}); "
-             f"try smaller learning rates")
+        fail(f"{problem or bad[0]}; stopped without writing a checkpoint (last good one: "
+             f"{last if os.path.exists(last) else 'none'}); try smaller learning rates")
     return values
 
 if __name__ == "__main__":
     args, run_dir, checkpoint = open_run(parse_args())
-    resuming = checkpoint is not None and not args.eval_checkpoint
     # TRY NOT TO MODIFY: seeding and device
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -879,39 +848,46 @@ if __name__ == "__main__":
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # CUDA only; CPU is fp32
     keep_freed_memory()  # CPU: activations stay mapped from one update to the next
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto_device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto_device if args.device == "auto" else args.device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
     env = make_env(args, train=True)
     num_actions, atari = int(env.action_space.n), is_atari(args.env_id)
-    protocol = dict(sticky_actions=0.0 if atari else "env default", frame_skip=4 if atari else 1, num_actions=num_actions,
-                    action_set="minimal" if atari else "env", noop_max_eval=0, reward="tanh(r) stored",
-                    observation=f"{args.frame_stack} x {env.observation_space.shape}",
-                    eval_policy="z = mode of q(z|o), actions sampled at temperature 1")  # the rest: flags
+    protocol = dict(sticky_actions=0.0 if atari else "env default", frame_skip=4 if atari else 1,
+                    num_actions=num_actions, action_set="minimal" if atari else "env", noop_max_eval=0,
+                    reward="tanh(r) stored", eval_policy="z = mode of q(z|o), actions sampled",
+                    observation=f"{args.frame_stack} x {env.observation_space.shape}")  # the rest: flags
     print(f"protocol: {json.dumps(protocol)}")
-    writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if resuming else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if checkpoint else None)
+    table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     writer.add_text("protocol", json.dumps(protocol))
     # ALGO LOGIC: models and optimisers (official: torch Adam with L2-coupled weight decay)
-    in_channels, z_dim = args.frame_stack * env.observation_space.shape[0], args.z_categoricals * args.z_classes
-    obs_model = ObservationModel(args, in_channels).to(device)
+    z_dim = args.z_categoricals * args.z_classes
+    obs_model = ObservationModel(args, args.frame_stack * env.observation_space.shape[0]).to(device)
     dyn = DynamicsModel(args, num_actions).to(device)
     actor = mlp(z_dim, args.ac_hidden_dim, num_actions, args.ac_layers).to(device)
     critic = mlp(z_dim, args.ac_hidden_dim, 1, args.ac_layers).to(device)
-    models = (obs_model, dyn, actor, critic)
-    optimizers = tuple(torch.optim.Adam(module.parameters(), lr, eps=args.adam_eps, weight_decay=args.weight_decay)
-                       for module, lr in zip(models, (args.wm_lr, args.wm_lr, args.actor_lr, args.critic_lr)))
+    models, lrs = (obs_model, dyn, actor, critic), (args.wm_lr, args.wm_lr, args.actor_lr, args.critic_lr)
+    optimizers = tuple(torch.optim.Adam(m.parameters(), lr, eps=args.adam_eps, weight_decay=args.weight_decay)
+                       for m, lr in zip(models, lrs))
     if args.compile:
         obs_model.encoder, dyn.transformer = torch.compile(obs_model.encoder), torch.compile(dyn.transformer)
-    replay = Replay(args.total_timesteps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, args.seed)
-    if checkpoint:  # the run goes on (or is evaluated) exactly where the checkpoint left it
+    shape = env.observation_space.shape
+    replay = Replay(args.total_timesteps, shape, args.frame_stack, args.buffer_temperature, args.seed)
+    if checkpoint:  # the run goes on exactly where the checkpoint left it
         for module, state in zip((*models, *optimizers), checkpoint["models"] + checkpoint["optimizers"]):
             module.load_state_dict(state)
-        vars(replay).update({k: np.concatenate([v, getattr(replay, k)[len(v):]]) if isinstance(v, np.ndarray) else v
-                             for k, v in checkpoint["replay"].items()})  # the arrays hold the filled part only
+        for key, value in checkpoint["replay"].items():  # the arrays hold their filled part only
+            if isinstance(value, np.ndarray):
+                getattr(replay, key)[:len(value)] = value
+            else:
+                setattr(replay, key, value)
         for (_, set_state), state in zip(RNGS, checkpoint["rng"]):
             set_state(state)
         env.close()
-        env, global_step, updates, update_credit, pretrained, wall_seconds = checkpoint["env"], *checkpoint["counters"]
+        env = checkpoint["env"]
+        global_step, updates, update_credit, pretrained, wall_seconds = checkpoint["counters"]
         if checkpoint["ale"]:  # an unpickled ALE env starts afresh: its emulator state and RNGs come back too
             ale_state, env.unwrapped.np_random, env.unwrapped.action_space = checkpoint["ale"]
             env.unwrapped.restore_state(ale_state)
@@ -919,17 +895,29 @@ if __name__ == "__main__":
         replay.add_frame(env.reset(seed=args.seed)[0], first=True)
         env.action_space.seed(args.seed)
         global_step, updates, update_credit, pretrained, wall_seconds = 0, 0, 0.0, 0, 0.0
-    start_time, metrics, stop = time.time() - (wall_seconds if resuming else 0), {}, []
+    start_time, metrics, stop = time.time() - wall_seconds, {}, []
     path = os.path.join(run_dir, "checkpoint.pt")
-    save = lambda: save_checkpoint(path, args, models, optimizers, replay, env, finite(metrics, updates, run_dir),  # noqa
-                                   (global_step, updates, update_credit, pretrained, time.time() - start_time))
-    for signum in (signal.SIGINT, signal.SIGTERM) if not args.eval_checkpoint else ():  # save at a step boundary
-        signal.signal(signum, lambda signum, _: sys.exit(128 + signum) if stop else stop.append(signum))  # 2nd: quit
-    policy = lambda stacks: act(obs_model, actor, stacks, device)  # noqa: E731
-    if resuming and global_step == args.prefill:  # stopped in pretraining: the rest of it before the next agent step
+
+    def save():  # everything the run has, at this step boundary
+        counters = (global_step, updates, update_credit, pretrained, time.time() - start_time)
+        save_checkpoint(path, args, models, optimizers, replay, env, finite(metrics, updates, run_dir),
+                        counters)
+
+    def on_signal(signum, frame):  # a first Ctrl-C or SIGTERM stops at the next step boundary, a second quits
+        if stop:
+            sys.exit(128 + signum)
+        stop.append(signum)
+
+    def policy(stacks):
+        return act(obs_model, actor, stacks, device)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    if checkpoint and global_step == args.prefill:  # stopped in pretraining: the rest of it comes first
         pretrained = pretrain(models, optimizers, replay, args, device, pretrained, stop)
-    last_step = global_step if args.eval_checkpoint or stop else args.total_timesteps  # no training, or stopped
-    progress = tqdm(range(global_step + 1, last_step + 1), "twm", last_step, dynamic_ncols=True, initial=global_step)
+    last_step = global_step if stop else args.total_timesteps  # stopped in pretraining: no more steps
+    progress = tqdm(range(global_step + 1, last_step + 1), "twm", last_step, initial=global_step,
+                    dynamic_ncols=True)
     for global_step in progress:
         # ALGO LOGIC: act with the encoder and actor only (random during the prefill)
         if global_step <= args.prefill:
@@ -956,43 +944,35 @@ if __name__ == "__main__":
                     updates += 1
                     if updates % args.log_every == 0:
                         log_metrics(writer, finite(metrics, updates, run_dir), global_step)
-                    if args.video_every and updates % args.video_every == 0:
-                        write_dream_image(writer, run_dir, global_step, *dream(obs_model, dyn, replay, args, global_step))
-        except ValueError as error:  # NaN outputs fail a torch.distributions check before a loss can be looked at
+        except ValueError as error:  # NaN outputs fail a torch.distributions check before any loss is seen
             if "found invalid values" not in str(error):
                 raise
-            finite({}, 0, run_dir, f"a network output NaN in {'pretraining' if updates == 0 else f'update {updates + 1}'}")
+            phase = "pretraining" if updates == 0 else f"update {updates + 1}"
+            finite({}, 0, run_dir, f"a network output NaN in {phase}")
         if global_step % 100 == 0:
             writer.add_scalar("charts/SPS", sps := int(global_step / (time.time() - start_time)), global_step)
             progress.set_postfix(SPS=sps, updates=updates)
         if global_step % args.eval_every == 0 and global_step < args.total_timesteps:
-            returns = evaluate(args, policy, args.interim_eval_episodes, seed=args.seed + 10_000 + global_step)
+            returns = evaluate(args, policy, args.interim_eval_episodes, args.seed + 10_000 + global_step)
             progress.write(f"global_step={global_step}, eval_return={returns.mean():.2f}")
             log_evaluation(writer, args, returns, global_step)
         if args.save_every and global_step % args.save_every == 0 and global_step < args.total_timesteps:
             save()
         if stop:  # Ctrl-C or SIGTERM: stop at this step boundary
             break
-    if not args.eval_checkpoint:  # the end of the run, or an interruption: a checkpoint to resume or evaluate
-        save()
+    save()  # the end of the run, or an interruption: a checkpoint to resume or to evaluate
     if stop:
-        print(f"\ninterrupted: checkpoint saved to {path}; resume with --resume {path}")  # below the progress bar
+        print(f"\ninterrupted: checkpoint saved to {path}; resume with --resume {path}")  # below the bar
         sys.exit(128 + stop[0])
     stop.append(0)  # from here on a signal quits at once
-    if args.eval_checkpoint:
-        write_dream_image(writer, run_dir, global_step, *dream(obs_model, dyn, replay, args, global_step))
     video = [] if args.capture_video else None
     returns = evaluate(args, policy, args.eval_episodes, seed=args.seed + 1_000_000, video=video)
-    if video:  # the first game, each pixel a 4x4 block, as an MP4 (mp4v codec)
-        os.makedirs(os.path.join(run_dir, "videos"), exist_ok=True)
-        mp4 = cv2.VideoWriter(os.path.join(run_dir, "videos", "eval.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 15, (256, 256))
-        for frame in video:  # (c, 64, 64): greyscale or RGB
-            image = np.moveaxis(frame, 0, -1).repeat(4, 0).repeat(4, 1)
-            mp4.write(cv2.cvtColor(image, cv2.COLOR_GRAY2BGR if len(frame) == 1 else cv2.COLOR_RGB2BGR))
-        mp4.release()
-    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step, eval_episodes=args.eval_episodes,
-                   **log_evaluation(writer, args, returns, global_step), wall_seconds=round(time.time() - start_time, 1))
-    summary = {key: value for key, value in summary.items() if value is not None}  # a normalised score: 26 games only
+    if video:  # the first game
+        write_video(os.path.join(run_dir, "videos", "eval.mp4"), video)
+    scores = log_evaluation(writer, args, returns, global_step)
+    summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step,
+                   eval_episodes=args.eval_episodes, **scores, wall_seconds=round(time.time() - start_time))
+    summary = {key: value for key, value in summary.items() if value is not None}  # HNS: 26 games only
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))

@@ -1,11 +1,11 @@
 """Catch: a tiny pixel game for learning tests (a ball falls, the paddle at the bottom must be under it).
 
-`gym.make("tests.catch:Catch-v0")` imports this module, which registers the env. The 64x64 RGB screen
-has 8 rows of 8 pixels and 4 columns of 16 pixels (one column per 16x16 patch of IRIS's 4x4 token grid):
-the ball starts in a random column of the top row and falls one row per step; the paddle starts in a random
-column of the bottom row and moves left, stays or moves right. After 7 steps the ball reaches the bottom
-row: +1 if the paddle is under it, -1 otherwise, and the episode ends. The optimum is +1 per episode (every
-column is reachable in time); a uniformly random policy scores -0.50 (standard error 0.006 over 20,000 episodes).
+`gym.make("tests.catch:Catch-v0")` imports this module, which registers the env. The 64x64 RGB screen has 8
+rows of 8 pixels and 4 columns of 16 pixels (one column per 16x16 patch of IRIS's 4x4 token grid): the ball
+starts in a random column of the top row and falls one row per step; the paddle starts in a random column of
+the bottom row and moves left, stays or moves right. After 7 steps the ball reaches the bottom row: +1 if the
+paddle is under it, -1 otherwise, and the episode ends. The optimum is +1 per episode (every column is
+reachable in time); a uniformly random policy scores -0.50 (standard error 0.006 over 20,000 episodes).
 """
 
 import gymnasium as gym
@@ -25,9 +25,12 @@ class Catch(gym.Env):
     def _screen(self):
         screen = np.zeros(self.observation_space.shape, np.uint8)
         ball_y, ball_x = self.ball
-        x = lambda column: column * CELL_W  # noqa: E731
-        screen[ball_y * CELL_H:(ball_y + 1) * CELL_H, x(ball_x):x(ball_x + 1)] = (255, 255, 255)
-        screen[(ROWS - 1) * CELL_H:, x(self.paddle):x(self.paddle + 1)] = (255, 160, 0)
+        screen[ball_y * CELL_H : (ball_y + 1) * CELL_H, ball_x * CELL_W : (ball_x + 1) * CELL_W] = (
+            255,
+            255,
+            255,
+        )
+        screen[(ROWS - 1) * CELL_H :, self.paddle * CELL_W : (self.paddle + 1) * CELL_W] = (255, 160, 0)
         return screen
 
     def reset(self, *, seed=None, options=None):

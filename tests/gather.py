@@ -31,8 +31,8 @@ class Gather(gym.Env):
     def _screen(self):
         screen = np.zeros(self.observation_space.shape, np.uint8)
         (goal_y, goal_x), (y, x) = self.goal, self.agent
-        screen[goal_y * CELL:(goal_y + 1) * CELL, goal_x * CELL:(goal_x + 1) * CELL] = GOAL
-        screen[y * CELL + 4:(y + 1) * CELL - 4, x * CELL + 4:(x + 1) * CELL - 4] = AGENT
+        screen[goal_y * CELL : (goal_y + 1) * CELL, goal_x * CELL : (goal_x + 1) * CELL] = GOAL
+        screen[y * CELL + 4 : (y + 1) * CELL - 4, x * CELL + 4 : (x + 1) * CELL - 4] = AGENT
         return screen
 
     def _new_goal(self):

@@ -33,8 +33,12 @@ class KeyDoor(gym.Env):
 
     def _screen(self):
         screen = np.zeros(self.observation_space.shape, np.uint8)
-        cell = lambda y, x, margin: (slice(y * CELL + margin, (y + 1) * CELL - margin),  # noqa: E731
-                                     slice(x * CELL + margin, (x + 1) * CELL - margin))
+
+        def cell(y, x, margin):  # the pixels of grid cell (y, x), `margin` pixels in from its edges
+            return slice(y * CELL + margin, (y + 1) * CELL - margin), slice(
+                x * CELL + margin, (x + 1) * CELL - margin
+            )
+
         screen[cell(*self.door, 0)] = DOOR
         if self.key is not None:
             screen[cell(*self.key, 0)] = KEY

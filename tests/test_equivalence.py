@@ -1,8 +1,8 @@
 """The optimised paths of both scripts against plain reference paths written here, on the same inputs.
 
 Each fast path (scaled_dot_product_attention with the relative-position term as a bias, the key/value cache,
-the CNN batched over burn-in frames, the tokenizer run in slices of frames, in-place residual blocks) must give
-the numbers of the textbook computation it replaces.
+the CNN batched over burn-in frames, the tokenizer run in slices of frames, in-place residual blocks) must
+give the numbers of the textbook computation it replaces.
 """
 
 import os
@@ -48,7 +48,7 @@ def test_twm_relative_attention_equals_the_transformer_xl_formula(memory_tokens)
                 distance = max(memory_tokens + i - j, 0)
                 content = ((q[:, :, i] + u[:, 0]) * k[:, :, j]).sum(-1)
                 position = ((q[:, :, i] + v[:, 0]) * r[distance]).sum(-1)
-                scores[:, :, i, j] = (content + position) / d ** 0.5
+                scores[:, :, i, j] = (content + position) / d**0.5
         y = plain_softmax_attention(scores, allowed[:, None], val)
         reference = attn.out(y.transpose(1, 2).reshape(B, T, nh * hs))
     assert torch.allclose(out, reference, atol=1e-5)
@@ -86,18 +86,24 @@ def test_iris_batched_burn_in_equals_a_frame_by_frame_loop():
             for t in range(5):
                 if mask[row, t]:
                     _, _, state = ac(frames[row, t][None], state)
-            assert torch.allclose(h[row], state[0][0], atol=1e-5) and torch.allclose(c[row], state[1][0], atol=1e-5)
+            assert torch.allclose(h[row], state[0][0], atol=1e-5) and torch.allclose(
+                c[row], state[1][0], atol=1e-5
+            )
 
 
 def test_iris_tokenizer_in_slices_equals_one_pass(monkeypatch):
     torch.manual_seed(0)
-    tokenizer = iris.Tokenizer(iris.Args(**{**iris.TINY, "tok_ch": 64})).eval()  # the paper's width: slices of 8
+    tokenizer = iris.Tokenizer(
+        iris.Args(**{**iris.TINY, "tok_ch": 64})
+    ).eval()  # the paper's width: slices of 8
     frames = torch.randint(0, 256, (19, 3, 64, 64), dtype=torch.uint8)  # 19 = 2 full slices of 8 and one of 3
     assert tokenizer.slice == 8
     with torch.no_grad():
         tokens, z, _ = tokenizer.encode(frames)
         decoded = tokenizer.decode(tokens)
-        monkeypatch.setattr(iris, "in_slices", lambda net, x, n: net(x))  # reference: the whole batch in one pass
+        monkeypatch.setattr(
+            iris, "in_slices", lambda net, x, n: net(x)
+        )  # reference: the whole batch in one pass
         tokens_ref, z_ref, _ = tokenizer.encode(frames)
         decoded_ref = tokenizer.decode(tokens_ref)
     assert torch.allclose(z, z_ref, atol=1e-5) and torch.equal(tokens, tokens_ref)
@@ -111,7 +117,7 @@ def test_iris_in_place_resnet_block_equals_the_textbook_block():
         norm1, _, conv1, norm2, _, conv2 = block.net
         silu = torch.nn.functional.silu
         reference = block.skip(x) + conv2(silu(norm2(conv1(silu(norm1(x))))))  # out-of-place everywhere
-        grad_ref, = torch.autograd.grad(reference.square().sum(), x)
+        (grad_ref,) = torch.autograd.grad(reference.square().sum(), x)
         out = block(x)
-        grad, = torch.autograd.grad(out.square().sum(), x)
+        (grad,) = torch.autograd.grad(out.square().sum(), x)
         assert torch.allclose(out, reference, atol=1e-6) and torch.allclose(grad, grad_ref, atol=1e-5)

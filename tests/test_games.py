@@ -1,4 +1,5 @@
-"""The test games: each docstring states a random and an optimal return; these tests play both policies and check them."""
+"""The test games: each docstring states a random and an optimal return; these tests play both policies and
+check them."""
 
 import re
 
@@ -11,8 +12,11 @@ import tests.gather
 import tests.keydoor
 
 pytestmark = pytest.mark.timeout(120)
-GAMES = {"tests.catch:Catch-v0": tests.catch, "tests.gather:Gather-v0": tests.gather,
-         "tests.keydoor:KeyDoor-v0": tests.keydoor}
+GAMES = {
+    "tests.catch:Catch-v0": tests.catch,
+    "tests.gather:Gather-v0": tests.gather,
+    "tests.keydoor:KeyDoor-v0": tests.keydoor,
+}
 
 
 def stated_returns(module):
@@ -24,10 +28,17 @@ def stated_returns(module):
 
 
 def optimal_action(game):
-    """Straight to the target: the ball's column (Catch), the goal (Gather), the key and then the door (KeyDoor)."""
+    """Straight to the target: the ball's column (Catch), the goal (Gather), the key and then the door
+    (KeyDoor)."""
     if isinstance(game, tests.catch.Catch):
         return 0 if game.paddle == game.ball[1] else 1 if game.paddle > game.ball[1] else 2
-    target = game.goal if isinstance(game, tests.gather.Gather) else game.key if game.key is not None else game.door
+    target = (
+        game.goal
+        if isinstance(game, tests.gather.Gather)
+        else game.key
+        if game.key is not None
+        else game.door
+    )
     (y, x), (target_y, target_x) = game.agent, target
     return 0 if target_y < y else 1 if target_y > y else 2 if target_x < x else 3
 
@@ -52,7 +63,9 @@ def test_random_and_optimal_returns_are_the_stated_ones(env_id):
     stderr = random_play.std() / np.sqrt(len(random_play))
     assert abs(random_play.mean() - random_return) < 4 * stderr + 0.01, (random_play.mean(), random_return)
     optimal_play = play(env_id, "optimal", 500)
-    assert optimal_play.min() == optimal_play.max() == optimal_return  # the scripted policy is optimal every time
+    assert (
+        optimal_play.min() == optimal_play.max() == optimal_return
+    )  # the scripted policy is optimal every time
 
 
 @pytest.mark.parametrize("env_id", [id for id in GAMES if id != "tests.catch:Catch-v0"])

@@ -1,7 +1,6 @@
 """Unit tests for the IRIS model half of iris.py (CPU, tiny sizes, seconds)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -9,12 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import evaluate_checkpoint as tool
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import iris  # noqa: E402
+import iris
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -54,7 +53,9 @@ def test_quantize_picks_nearest_code(args):
     flat = z.permute(0, 2, 3, 1).reshape(-1, args.tok_embed_dim)
     nearest = torch.cdist(flat, tok.codebook.weight).argmin(1).view(3, 16)  # brute-force Euclidean
     assert torch.equal(tokens, nearest)
-    assert torch.allclose(z_q.permute(0, 2, 3, 1).reshape(-1, args.tok_embed_dim), tok.codebook.weight[nearest.flatten()])
+    assert torch.allclose(
+        z_q.permute(0, 2, 3, 1).reshape(-1, args.tok_embed_dim), tok.codebook.weight[nearest.flatten()]
+    )
 
 
 def test_straight_through_copies_gradient(args):
@@ -121,7 +122,9 @@ def test_world_model_loss_pairs_predictions_with_labels(args):
     obs_logits = wm(torch.cat([tokens, actions[..., None]], 2).flatten(1))[0]
     # hand pairing for the first, fully real row: prediction i is scored against flatten(tokens)[i + 1]
     ce = torch.nn.functional.cross_entropy(obs_logits[0, :-1], tokens[0].flatten()[1:])
-    ce_masked = torch.nn.functional.cross_entropy(obs_logits[1, :31], tokens[1].flatten()[1:32])  # 2 real steps
+    ce_masked = torch.nn.functional.cross_entropy(
+        obs_logits[1, :31], tokens[1].flatten()[1:32]
+    )  # 2 real steps
     n0, n1 = 47, 31
     assert torch.allclose(parts["obs"], (ce * n0 + ce_masked * n1) / (n0 + n1), atol=1e-5)
     assert torch.allclose(loss, parts["obs"] + parts["reward"] + parts["end"])
@@ -174,8 +177,13 @@ def test_lambda_returns_hand_computed():
 def test_actor_critic_loss_ignores_last_step():
     log_probs = torch.randn(2, 4, requires_grad=True)
     values = torch.randn(2, 4, requires_grad=True)
-    imagined = dict(log_probs=log_probs, entropies=torch.rand(2, 4), values=values,
-                    rewards=torch.randn(2, 4), ends=torch.zeros(2, 4))
+    imagined = dict(
+        log_probs=log_probs,
+        entropies=torch.rand(2, 4),
+        values=values,
+        rewards=torch.randn(2, 4),
+        ends=torch.zeros(2, 4),
+    )
     loss, _ = iris.actor_critic_loss(imagined, 0.99, 0.95, 0.001)
     loss.backward()
     assert torch.all(log_probs.grad[:, -1] == 0) and torch.all(log_probs.grad[:, :-1] != 0)
@@ -184,10 +192,18 @@ def test_actor_critic_loss_ignores_last_step():
 
 def test_actor_critic_loss_masks_steps_after_the_first_imagined_end():
     ends = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0]])  # row 0 ends at step 1
-    for mask_after_end, counted in ((True, [[1, 1, 0, 0], [1, 1, 1, 1]]), (False, [[1, 1, 1, 1], [1, 1, 1, 1]])):
+    for mask_after_end, counted in (
+        (True, [[1, 1, 0, 0], [1, 1, 1, 1]]),
+        (False, [[1, 1, 1, 1], [1, 1, 1, 1]]),
+    ):
         log_probs = torch.randn(2, 5, requires_grad=True)
-        imagined = dict(log_probs=log_probs, entropies=torch.rand(2, 5), values=torch.randn(2, 5),
-                        rewards=torch.randn(2, 5), ends=ends)
+        imagined = dict(
+            log_probs=log_probs,
+            entropies=torch.rand(2, 5),
+            values=torch.randn(2, 5),
+            rewards=torch.randn(2, 5),
+            ends=ends,
+        )
         loss, _ = iris.actor_critic_loss(imagined, 0.99, 0.95, 0.001, mask_after_end)
         loss.backward()
         assert torch.equal((log_probs.grad[:, :-1] != 0).long(), torch.tensor(counted)), mask_after_end
@@ -251,7 +267,9 @@ def test_replay_segments_pad_outside_the_episode():
         assert mask[:, -1].all()  # the last frame of an actor-critic segment is always real
         last = rewards[:, -1].long()
         episode_start = torch.where(last < 4, 0, 4)
-        assert torch.equal(mask, (last[:, None] - 2 + torch.arange(3)) >= episode_start[:, None])  # left-padded
+        assert torch.equal(
+            mask, (last[:, None] - 2 + torch.arange(3)) >= episode_start[:, None]
+        )  # left-padded
 
 
 def test_kept_tokens_equal_fresh_ones_and_each_frame_is_encoded_once(args):
@@ -268,7 +286,9 @@ def test_kept_tokens_equal_fresh_ones_and_each_frame_is_encoded_once(args):
         replay.rng = np.random.default_rng(1)
         kept_before, encoded[:] = (replay.tokens[:, 0] >= 0).sum(), []
         kept, *_, kept_mask = replay.segments(8, 5, from_start, "cpu", tok, keep_tokens=True)
-        assert sum(encoded) == (replay.tokens[:, 0] >= 0).sum() - kept_before > 0  # only frames not kept before
+        assert (
+            sum(encoded) == (replay.tokens[:, 0] >= 0).sum() - kept_before > 0
+        )  # only frames not kept before
         assert torch.equal(mask, kept_mask) and not mask.all()  # the same segments, with some padding
         assert torch.equal(kept[mask], fresh[mask])
     replay.segments(256, 5, True, "cpu", tok, keep_tokens=True)
@@ -291,7 +311,9 @@ def test_atari_wrappers_rgb_frames_and_soft_reset_after_life_loss():
     assert obs.shape == (3, 64, 64) and obs.dtype == np.uint8 and env.action_space.n == 4
     ale, lives = env.unwrapped.ale, env.unwrapped.ale.lives()
     for _ in range(5000):
-        _, _, terminated, truncated, _ = env.step(1 if np.random.rand() < 0.5 else 0)  # FIRE often: no FIRE wrapper
+        _, _, terminated, truncated, _ = env.step(
+            1 if np.random.rand() < 0.5 else 0
+        )  # FIRE often: no FIRE wrapper
         if terminated:
             break
     assert terminated and 0 < ale.lives() < lives
@@ -305,19 +327,24 @@ def test_noops_per_mode():
     def start_frames(train):
         env = make_atari("PongNoFrameskip-v4", train=train)
         return {env.reset(seed=seed)[1]["episode_frame_number"] for seed in range(8)}
+
     assert len(start_frames(train=True)) > 1  # up to 30 random no-ops
     assert start_frames(train=False) == {1}  # exactly one no-op frame (official: no-ops are raw frames)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("env_id, message", [
-    ("NoSuchGame-v0", "unknown env id"),
-    ("Pendulum-v1", "needs Discrete actions"),
-    ("CartPole-v1", "needs uint8 images"),
-])
+@pytest.mark.parametrize(
+    "env_id, message",
+    [
+        ("NoSuchGame-v0", "unknown env id"),
+        ("Pendulum-v1", "needs Discrete actions"),
+        ("CartPole-v1", "needs uint8 images"),
+    ],
+)
 def test_bad_env_stops_with_one_line(env_id, message):
-    result = subprocess.run([sys.executable, "iris.py", "--env-id", env_id], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "iris.py", "--env-id", env_id], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -325,14 +352,20 @@ def test_bad_env_stops_with_one_line(env_id, message):
 def run_script(tmp_path, *flags, timeout, suffix=""):
     run = f"test_{tmp_path.name}{suffix}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)  # a folder that holds a run is refused
-    subprocess.run([sys.executable, "iris.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "iris.py", "--run-name", run, *flags],
+        cwd=ROOT,
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
 
 
 def scalars(run_dir):
     """{tag: [values]} of a run's TensorBoard scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir))
     events.Reload()
     return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
@@ -343,37 +376,90 @@ def test_tiny_preset_learns_catch(tmp_path):
     summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=600)
     logged = scalars(ROOT / "runs" / f"test_{tmp_path.name}")
     first, last = (lambda tag: np.mean(logged[tag][:3]), lambda tag: np.mean(logged[tag][-3:]))
-    assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged["losses/reconstruction"]
+    assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged[
+        "losses/reconstruction"
+    ]
     assert last("losses/next_tokens") < 0.2 * first("losses/next_tokens"), logged["losses/next_tokens"]
     assert last("losses/end") < 0.5 * first("losses/end"), logged["losses/end"]
-    # optimum +1, uniformly random policy about -0.5; the tiny preset reached +0.76 to +1.0 in seeds 1-5 (README)
+    # optimum +1, uniformly random policy about -0.5; the tiny preset reached +0.76 to +1.0 in seeds 1-5
+    # (README)
     assert summary["eval_return_mean"] >= 0.7, summary
 
 
 @pytest.mark.timeout(300)
 def test_end_to_end_on_real_pong_writes_summary(tmp_path):
-    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "200",
-                         "--epochs", "3", "--tok-steps-per-epoch", "2", "--wm-steps-per-epoch", "2",
-                         "--ac-steps-per-epoch", "2", "--ac-start-after", "2", "--eval-episodes", "1",
-                         timeout=290)
-    assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
-                            "eval_return_std", "wall_seconds", "human_normalized_score"}
+    summary = run_script(
+        tmp_path,
+        "--preset",
+        "tiny",
+        "--env-id",
+        "PongNoFrameskip-v4",
+        "--total-timesteps",
+        "200",
+        "--epochs",
+        "3",
+        "--tok-steps-per-epoch",
+        "2",
+        "--wm-steps-per-epoch",
+        "2",
+        "--ac-steps-per-epoch",
+        "2",
+        "--ac-start-after",
+        "2",
+        "--eval-episodes",
+        "1",
+        timeout=290,
+    )
+    assert set(summary) >= {
+        "env_id",
+        "seed",
+        "total_timesteps",
+        "eval_episodes",
+        "eval_return_mean",
+        "eval_return_std",
+        "wall_seconds",
+        "human_normalized_score",
+    }
     assert summary["env_id"] == "PongNoFrameskip-v4" and -21 <= summary["eval_return_mean"] <= 21
 
 
 def logged_losses(run):
     """{tag: [values]} of the losses/ scalars that a run wrote to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(ROOT / "runs" / run))
     events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+    return {
+        tag: [e.value for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("losses/")
+    }
 
 
 @pytest.mark.timeout(300)
 def test_same_seed_same_losses(tmp_path):
-    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "300", "--epochs", "3",
-             "--tok-steps-per-epoch", "4", "--wm-steps-per-epoch", "4", "--ac-steps-per-epoch", "4", "--ac-start-after", "2",
-             "--log-every", "2", "--eval-episodes", "2"]
+    flags = [
+        "--preset",
+        "tiny",
+        "--env-id",
+        "tests.catch:Catch-v0",
+        "--total-timesteps",
+        "300",
+        "--epochs",
+        "3",
+        "--tok-steps-per-epoch",
+        "4",
+        "--wm-steps-per-epoch",
+        "4",
+        "--ac-steps-per-epoch",
+        "4",
+        "--ac-start-after",
+        "2",
+        "--log-every",
+        "2",
+        "--eval-episodes",
+        "2",
+    ]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
@@ -382,27 +468,51 @@ def test_same_seed_same_losses(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints, resume, interruption, --eval-checkpoint, non-finite losses, dream images.
+# Checkpoints, resume, interruption, non-finite losses; tools/evaluate_checkpoint.py: games, video, dream.
 # ------------------------------------------------------------------------------------------------
 
-SHORT = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--tok-start-after", "0", "--wm-start-after", "1",
-         "--ac-start-after", "2", "--tok-steps-per-epoch", "3", "--wm-steps-per-epoch", "3", "--ac-steps-per-epoch", "3",
-         "--log-every", "1", "--eval-episodes", "2"]
+SHORT = [
+    "--preset",
+    "tiny",
+    "--env-id",
+    "tests.catch:Catch-v0",
+    "--tok-start-after",
+    "0",
+    "--wm-start-after",
+    "1",
+    "--ac-start-after",
+    "2",
+    "--tok-steps-per-epoch",
+    "3",
+    "--wm-steps-per-epoch",
+    "3",
+    "--ac-steps-per-epoch",
+    "3",
+    "--log-every",
+    "1",
+    "--eval-episodes",
+    "2",
+]
 
 
 def iris_cli(*flags, timeout=120):
     """iris.py in a subprocess; its CompletedProcess, output as text."""
-    return subprocess.run([sys.executable, "iris.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "iris.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def losses(run_dir):
     """{tag: [(step, value)]} of the losses/ scalars a run wrote, in the order written."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
-            if tag.startswith("losses/")}
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("losses/")
+    }
 
 
 def resume_copy(checkpoint, name):
@@ -424,22 +534,33 @@ def checkpoint_path(tmp_path_factory):
 
 @pytest.mark.timeout(240)
 def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
-    # The end checkpoint of a 3-epoch run is the state after epoch 3 of the same run made 4 epochs long (--epochs and
+    # The end checkpoint of a 3-epoch run is the state after epoch 3 of the same run made 4 epochs long
+    # (--epochs and
     # --total-timesteps change nothing before its end, and the end checkpoint is written before the final
     # evaluation). Resumed with 4 epochs, it must log exactly the losses of the 4-epoch run.
-    full = run_script(tmp_path, *SHORT, "--epochs", "4", "--total-timesteps", "400", timeout=120, suffix="_full")
+    full = run_script(
+        tmp_path, *SHORT, "--epochs", "4", "--total-timesteps", "400", timeout=120, suffix="_full"
+    )
     run_script(tmp_path, *SHORT, "--epochs", "3", "--total-timesteps", "300", timeout=120, suffix="_first")
-    checkpoint = torch.load(ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(
+        ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False
+    )
     assert checkpoint["counters"][:3] == (4, 300, [9, 6, 3])  # epoch to enter, agent steps, gradient steps
     checkpoint["args"].update(epochs=4, total_timesteps=400)
     path = resume_copy(checkpoint, f"test_{tmp_path.name}_resumed")
     result = iris_cli("--resume", str(path))
     assert result.returncode == 0, result.stderr[-2000:]
-    expected = {tag: [(step, value) for step, value in values if step > 300]
-                for tag, values in losses(ROOT / "runs" / f"test_{tmp_path.name}_full").items()}
-    assert len(expected) >= 9 and all(len(values) == 3 for values in expected.values())  # 3 steps of each component
+    expected = {
+        tag: [(step, value) for step, value in values if step > 300]
+        for tag, values in losses(ROOT / "runs" / f"test_{tmp_path.name}_full").items()
+    }
+    assert len(expected) >= 9 and all(
+        len(values) == 3 for values in expected.values()
+    )  # 3 steps of each component
     assert losses(path.parent) == expected
-    assert json.loads((path.parent / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+    assert (
+        json.loads((path.parent / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+    )
 
 
 @pytest.mark.timeout(240)
@@ -450,30 +571,50 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path):
     run_script(tmp_path, *flags, timeout=120, suffix="_full")
     run = f"test_{tmp_path.name}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    process = subprocess.Popen([sys.executable, "iris.py", *flags, "--run-name", run], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "iris.py", *flags, "--run-name", run],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().startswith("protocol:")  # then the networks, the replay and the handlers
     time.sleep(5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume" in stdout
+    assert (
+        f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume"
+        in stdout
+    )
     checkpoint = torch.load(ROOT / "runs" / run / "checkpoint.pt", weights_only=False)
     assert checkpoint["script"] == "iris" and "Traceback" not in stderr
     path = resume_copy(checkpoint, f"{run}_resumed")
     result = iris_cli("--resume", str(path))
     assert result.returncode == 0, result.stderr[-2000:]
     full, resumed = losses(ROOT / "runs" / f"{run}_full"), losses(path.parent)
-    assert resumed and all(full[tag][-len(values):] == values for tag, values in resumed.items()), checkpoint["counters"]
+    assert resumed and all(full[tag][-len(values) :] == values for tag, values in resumed.items()), (
+        checkpoint["counters"]
+    )
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flags, message", [
-    (["--tok-lr", "1e30"], "error: loss observation_model is nan at update 2; stopped without writing a checkpoint "
-                           "(last good one: none)"),  # caught where the losses are logged
-    (["--ac-lr", "1e30", "--save-every", "100"], "error: a network output NaN in epoch 3; stopped without writing a "
-                                                 "checkpoint (last good one: runs/"),  # caught in torch.distributions
-], ids=["logged loss", "network output"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--tok-lr", "1e30"],
+            "error: loss observation_model is nan at update 2; stopped without writing a checkpoint "
+            "(last good one: none)",
+        ),  # caught where the losses are logged
+        (
+            ["--ac-lr", "1e30", "--save-every", "100"],
+            "error: a network output NaN in epoch 3; stopped without writing a "
+            "checkpoint (last good one: runs/",
+        ),  # caught in torch.distributions
+    ],
+    ids=["logged loss", "network output"],
+)
 def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message):
     run = f"test_{tmp_path.name}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
@@ -481,50 +622,79 @@ def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     path = ROOT / "runs" / run / "checkpoint.pt"
-    assert not path.exists() if "none" in message else torch.load(path, weights_only=False)["counters"][:2] == (3, 200)
+    assert (
+        not path.exists()
+        if "none" in message
+        else torch.load(path, weights_only=False)["counters"][:2] == (3, 200)
+    )
 
 
 @pytest.mark.timeout(240)
-def test_eval_checkpoint_writes_summary_dream_and_video(tmp_path, checkpoint_path):
-    run = f"test_{tmp_path.name}"
-    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    result = iris_cli("--eval-checkpoint", str(checkpoint_path), "--env-id", "tests.catch:Catch-v0",
-                      "--eval-episodes", "3", "--capture-video", "--run-name", run)
+def test_evaluate_checkpoint_repeats_the_final_evaluation_and_writes_a_dream_and_a_video(
+    tmp_path, checkpoint_path
+):
+    run_summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/evaluate_checkpoint.py",
+            str(checkpoint_path),
+            "--episodes",
+            str(run_summary["eval_episodes"]),
+            "--capture-video",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((ROOT / "runs" / run / "summary.json").read_text())
-    assert summary["eval_episodes"] == 3 and summary["total_timesteps"] == 200 and summary["env_id"].endswith("Catch-v0")
-    assert set(summary) == {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
-                            "eval_return_std", "wall_seconds"}  # no human_normalized_score: not an Atari game
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {
+        k: v for k, v in run_summary.items() if k != "wall_seconds"
+    }  # the same games and actions
     import cv2
-    assert cv2.imread(str(ROOT / "runs" / run / "dreams" / "0000200.png")) is not None
-    video = cv2.VideoCapture(str(ROOT / "runs" / run / "videos" / "eval.mp4"))
+
+    assert cv2.imread(str(tmp_path / "dream.png")) is not None
+    video = cv2.VideoCapture(str(tmp_path / "videos" / "eval.mp4"))
     ok, frame = video.read()
     assert ok and frame.shape == (256, 256, 3) and video.get(cv2.CAP_PROP_FRAME_COUNT) == 8  # a 7-step game
-    assert not (ROOT / "runs" / run / "checkpoint.pt").exists()  # no training, no checkpoint
+    bad = subprocess.run(
+        [sys.executable, "tools/evaluate_checkpoint.py", str(tmp_path / "missing.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"evaluate_checkpoint.py: error: cannot read checkpoint {tmp_path / 'missing.pt'} "
+        "(FileNotFoundError); "
+        "pass the checkpoint.pt of a twm.py or iris.py run, runs/<run-name>/checkpoint.pt"
+    ]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("problem, message", [
-    ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
-    ("truncated", "cannot read checkpoint"),
-    ("other script", "is not a checkpoint of iris.py but of twm.py; pass it to twm.py"),
-    ("other game", "is a checkpoint of tests.catch:Catch-v0, not of --env-id PongNoFrameskip-v4; pass --env-id"),
-    ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
+        ("truncated", "cannot read checkpoint"),
+        ("other script", "is not a checkpoint of iris.py but of twm.py; pass it to twm.py"),
+        ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
+    ],
+)
 def test_checkpoint_problems_stop_with_one_line(tmp_path, checkpoint_path, problem, message):
-    path, flags = tmp_path / "checkpoint.pt", ["--eval-checkpoint"]
+    flags = ["--resume", str(tmp_path / "checkpoint.pt")]
     if problem == "truncated":
         data = checkpoint_path.read_bytes()
-        path.write_bytes(data[:len(data) // 2])
+        (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     elif problem == "other script":
-        torch.save({"script": "twm", "args": {}}, path)
-    elif problem in ("other game", "run exists"):
-        path = checkpoint_path
-    if problem != "other game":
-        flags = ["--env-id", "tests.catch:Catch-v0", "--eval-checkpoint" if problem != "missing" else "--resume"]
-    if problem == "run exists":
-        flags = ["--run-name", checkpoint_path.parent.name, *flags]
-    result = iris_cli(*flags, str(path), timeout=60)
+        torch.save({"script": "twm", "args": {}}, tmp_path / "checkpoint.pt")
+    elif problem == "run exists":
+        flags = ["--env-id", "tests.catch:Catch-v0", "--run-name", checkpoint_path.parent.name]
+    result = iris_cli(*flags, timeout=60)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -543,32 +713,32 @@ def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path, args):
     torch.nn.init.normal_(tokenizer.codebook.weight)  # untrained, yet distinct codes and actions that matter
     torch.nn.init.normal_(world_model.act_emb.weight, std=3.0)
     torch.nn.init.normal_(world_model.head_obs[-1].weight)  # peaked next-token distributions
-    rows, captions, context, title = iris.dream(tokenizer, world_model, replay, args, step=7)
-    assert rows.shape == (4, 4, 7, 3, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
+    rows, captions, context, title = tool.iris_dream(tokenizer, world_model, replay, args, step=7)
+    assert (
+        rows.shape == (4, 4, 7, 3, 64, 64) and context == 2
+    )  # 8-frame windows do not fit in a 7-step episode
     torch.testing.assert_close(rows[:, 2, :context], rows[:, 1, :context])  # context: the reconstructions
     assert captions[0][2][:2] == ["context"] * 2 and captions[0][2][2].startswith("dream\nr=")
-    again, _, _, _ = iris.dream(tokenizer, world_model, replay, args, step=7)
+    again, _, _, _ = tool.iris_dream(tokenizer, world_model, replay, args, step=7)
     torch.testing.assert_close(again, rows)  # seeded by the step
-    replay.actions[:replay.size] = (replay.actions[:replay.size] + 1) % NUM_ACTIONS
-    changed, _, _, _ = iris.dream(tokenizer, world_model, replay, args, step=7)
+    replay.actions[: replay.size] = (replay.actions[: replay.size] + 1) % NUM_ACTIONS
+    changed, _, _, _ = tool.iris_dream(tokenizer, world_model, replay, args, step=7)
     torch.testing.assert_close(changed[:, :2], rows[:, :2])  # the same windows...
     assert not torch.allclose(changed[:, 2, context:], rows[:, 2, context:])  # ...dreamt under other actions
 
-    from torch.utils.tensorboard import SummaryWriter
-    image = iris.write_dream_image(SummaryWriter(str(tmp_path)), str(tmp_path), 7, rows, captions, context, title)
+    image = tool.dream_image(rows, captions, context, title)
     cell_w, cell_h = 2 * 64 + 8, 2 * 64 + 34  # frames scaled 2x, a 2-line caption under each
-    assert image.shape == (18 * 2 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 2-line title
-    png = (tmp_path / "dreams" / "0000007.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    import cv2
-    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dreams" / "0000007.png"))[..., ::-1], image)
+    assert image.shape == (18 * 4 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 4-line title
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--imagine-horizon", "30"], "--imagine-horizon 30 must be at most --wm-sequence-length 8"),
-    (["--tok-stop-after", "1"], "--tok-stop-after 1 must be 0 (never stop) or above --tok-start-after 1"),
-    (["--total-timesteps", "0"], "must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--imagine-horizon", "30"], "--imagine-horizon 30 must be at most --wm-sequence-length 8"),
+        (["--tok-stop-after", "1"], "--tok-stop-after 1 must be 0 (never stop) or above --tok-start-after 1"),
+        (["--total-timesteps", "0"], "must be positive"),
+    ],
+)
 def test_bad_flag_value_stops_with_one_line(flags, message):
     result = iris_cli("--preset", "tiny", "--env-id", "tests.catch:Catch-v0", *flags, timeout=60)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-2000:]

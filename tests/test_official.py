@@ -1,9 +1,11 @@
-"""Our networks and losses against numbers produced by the official code (tests/golden/, described in its README).
+"""Our networks and losses against numbers produced by the official code (tests/golden/, described in its
+README).
 
 Each test loads the official state dicts (official names, 4-bit exact weights) into our modules through a name
-mapping written here, feeds the stored inputs and compares with the stored outputs. Where we differ on purpose,
-the test names the deviation and checks it: TWM's Gaussian log-densities drop their ½ln2π constants, and TWM trains
-the next-z loss that the official code at its last commit never computes (jrobine/twm issue #4).
+mapping written here, feeds the stored inputs and compares with the stored outputs. Where we differ on
+purpose, the test names the deviation and checks it: TWM's Gaussian log-densities drop their ½ln2π constants,
+and TWM trains the next-z loss that the official code at its last commit never computes (jrobine/twm issue
+#4).
 """
 
 import math
@@ -29,9 +31,10 @@ def close(ours, official, atol=1e-5, rtol=1e-5):
 
 
 def decode_q4(param):
-    """A 4-bit stored tensor: codes packed two per byte (low nibble first), value = (code + offset) * 2**exp."""
+    """A 4-bit stored tensor: codes packed two per byte (low nibble first), value = (code + offset) *
+    2**exp."""
     q = param["q"]
-    codes = torch.stack([q & 15, q >> 4], 1).flatten()[:math.prod(param["shape"])]
+    codes = torch.stack([q & 15, q >> 4], 1).flatten()[: math.prod(param["shape"])]
     value = ((codes.long() + param["offset"]).float() * 2.0 ** param["exp"]).view(param["shape"])
     assert float(value.double().sum()) == pytest.approx(param["sum"], abs=1e-6)
     return value
@@ -43,7 +46,8 @@ def official_weights(golden, net):
 
 
 def load_mapped(module, official, mapping):
-    """Copy official tensors into `module`: mapping is [(our name, official name or a function of the dict)]."""
+    """Copy official tensors into `module`: mapping is [(our name, official name or a function of the
+    dict)]."""
     ours = module.state_dict()
     for name, source in mapping:
         value = source(official) if callable(source) else official[source]
@@ -52,7 +56,7 @@ def load_mapped(module, official, mapping):
     assert len(mapping) == len([k for k in ours if k != "transformer.rel_enc"])  # every tensor mapped
 
 
-# ---- TWM --------------------------------------------------------------------------------------------------------
+# ---- TWM ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def twm_golden():
     return torch.load(GOLDEN / "twm_networks.pt", weights_only=True)
@@ -60,37 +64,74 @@ def twm_golden():
 
 @pytest.fixture(scope="module")
 def twm_models(twm_golden):
-    args = replace(twm.Args(), obs_channels=8, z_categoricals=8, z_classes=8, dyn_embed_dim=32, dyn_heads=2,
-                   dyn_head_dim=16, dyn_layers=2, dyn_ff_dim=64, dyn_head_layers=2, dyn_z_head_dim=64,
-                   dyn_head_dim_rg=32, ac_hidden_dim=64, ac_layers=2, dyn_dropout=0.0, obs_entropy_threshold=0.7)
+    args = replace(
+        twm.Args(),
+        obs_channels=8,
+        z_categoricals=8,
+        z_classes=8,
+        dyn_embed_dim=32,
+        dyn_heads=2,
+        dyn_head_dim=16,
+        dyn_layers=2,
+        dyn_ff_dim=64,
+        dyn_head_layers=2,
+        dyn_z_head_dim=64,
+        dyn_head_dim_rg=32,
+        ac_hidden_dim=64,
+        ac_layers=2,
+        dyn_dropout=0.0,
+        obs_entropy_threshold=0.7,
+    )
     obs_model, dyn = twm.ObservationModel(args, 4), twm.DynamicsModel(args, 6)
     actor, critic = twm.mlp(64, 64, 6, 2), twm.mlp(64, 64, 1, 2)
     world = official_weights(twm_golden, "world_model")
     enc, dec, net = "obs_model.encoder.", "obs_model.decoder.", "dyn_model.prediction_net."
-    pairs = [*[(f"encoder.{i}", f"{enc}0.conv{n}") for n, i in enumerate((0, 2, 4, 6), 1)],
-             *[(f"encoder.{i}", f"{enc}2.linear{n}") for n, i in enumerate((9, 11, 13), 1)],
-             ("decoder.0", f"{dec}0.linear1"),
-             *[(f"decoder.{i}", f"{dec}2.conv_transpose{n}") for n, i in enumerate((3, 5, 7, 9), 1)]]
+    pairs = [
+        *[(f"encoder.{i}", f"{enc}0.conv{n}") for n, i in enumerate((0, 2, 4, 6), 1)],
+        *[(f"encoder.{i}", f"{enc}2.linear{n}") for n, i in enumerate((9, 11, 13), 1)],
+        ("decoder.0", f"{dec}0.linear1"),
+        *[(f"decoder.{i}", f"{dec}2.conv_transpose{n}") for n, i in enumerate((3, 5, 7, 9), 1)],
+    ]
     load_mapped(obs_model, world, [(f"{o}.{p}", f"{s}.{p}") for o, s in pairs for p in ("weight", "bias")])
-    mapping = [("embed_z.0.weight", f"{net}embeds.z.linear1.weight"), ("embed_z.0.bias", f"{net}embeds.z.linear1.bias"),
-               ("embed_a.weight", f"{net}embeds.a.weight"), ("embed_r.0.weight", f"{net}embeds.r.linear1.weight"),
-               ("embed_r.0.bias", f"{net}embeds.r.linear1.bias"),
-               ("transformer.u", f"{net}transformer.u_bias"), ("transformer.v", f"{net}transformer.v_bias")]
+    mapping = [
+        ("embed_z.0.weight", f"{net}embeds.z.linear1.weight"),
+        ("embed_z.0.bias", f"{net}embeds.z.linear1.bias"),
+        ("embed_a.weight", f"{net}embeds.a.weight"),
+        ("embed_r.0.weight", f"{net}embeds.r.linear1.weight"),
+        ("embed_r.0.bias", f"{net}embeds.r.linear1.bias"),
+        ("transformer.u", f"{net}transformer.u_bias"),
+        ("transformer.v", f"{net}transformer.v_bias"),
+    ]
     for i in range(2):
         layer, official = f"transformer.layers.{i}.", f"{net}transformer.layers.{i}."
-        mapping += [(f"{layer}attn.{o}.weight", f"{official}self_attn.{s}_proj.weight")
-                    for o, s in (("qkv", "qkv"), ("pos", "pos"), ("out", "out"))]
-        mapping += [(f"{layer}{o}.{p}", f"{official}{s}.{p}") for o, s in (("ff.0", "linear1"), ("ff.3", "linear2"),
-                    ("norm1", "norm1"), ("norm2", "norm2")) for p in ("weight", "bias")]
+        mapping += [
+            (f"{layer}attn.{o}.weight", f"{official}self_attn.{s}_proj.weight")
+            for o, s in (("qkv", "qkv"), ("pos", "pos"), ("out", "out"))
+        ]
+        mapping += [
+            (f"{layer}{o}.{p}", f"{official}{s}.{p}")
+            for o, s in (("ff.0", "linear1"), ("ff.3", "linear2"), ("norm1", "norm1"), ("norm2", "norm2"))
+            for p in ("weight", "bias")
+        ]
     for ours, official in (("z_head", "z"), ("reward_head", "r"), ("discount_head", "g")):
-        mapping += [(f"{ours}.{i}.{p}", f"{net}out_heads.{official}.linear{n}.{p}")
-                    for n, i in enumerate((1, 4, 7), 1) for p in ("weight", "bias")]
+        mapping += [
+            (f"{ours}.{i}.{p}", f"{net}out_heads.{official}.linear{n}.{p}")
+            for n, i in enumerate((1, 4, 7), 1)
+            for p in ("weight", "bias")
+        ]
     load_mapped(dyn, world, mapping)
     close(dyn.transformer.rel_enc[:53], world[f"{net}transformer.pos_enc.encodings"], atol=1e-6, rtol=0)
     heads = official_weights(twm_golden, "actor_critic")
     for module, name in ((actor, "actor_model"), (critic, "critic_model")):
-        load_mapped(module, heads, [(f"{i}.{p}", f"{name}.linear{n}.{p}") for n, i in enumerate((0, 2, 4), 1)
-                                    for p in ("weight", "bias")])
+        load_mapped(
+            module,
+            heads,
+            [
+                (f"{i}.{p}", f"{name}.linear{n}.{p}")
+                for n, i in enumerate((0, 2, 4), 1)
+                for p in ("weight", "bias")
+            ],
+        )
     return args, obs_model.eval(), dyn.eval(), actor, critic
 
 
@@ -120,7 +161,8 @@ def test_twm_dynamics_training_path(twm_golden, twm_models):
 
 
 def test_twm_imagination_cached_path(twm_golden, twm_models):
-    """The official imagination's h, ẑ, r̂, γ̂ through our memory, fed the stored actions and z (teacher-forced)."""
+    """The official imagination's h, ẑ, r̂, γ̂ through our memory, fed the stored actions and z
+    (teacher-forced)."""
     _, _, dyn, _, _ = twm_models
     s = twm_golden["imagine"]
     with torch.no_grad():
@@ -164,7 +206,8 @@ def test_twm_actor_critic_and_returns(twm_golden, twm_models):
     assert float(losses["policy_entropy"]) == pytest.approx(metrics["norm_ent"], abs=1e-6)
     # deviation: our critic loss drops the Gaussian's ½ln2π, which the official adds at every weighted step
     assert float(losses["critic"].detach()) + HALF_LOG_2PI * float(im["weights"].mean()) == pytest.approx(
-        metrics["critic_loss"], abs=1e-6)
+        metrics["critic_loss"], abs=1e-6
+    )
 
 
 def test_twm_world_model_loss(twm_golden, twm_models, monkeypatch):
@@ -172,18 +215,23 @@ def test_twm_world_model_loss(twm_golden, twm_models, monkeypatch):
     s, official = twm_golden["wm_loss"], twm_golden["wm_loss"]["official_metrics"]
     samples = iter([s["context_z"], s["z"]])  # the official loss call's two samples, in its order
     monkeypatch.setattr(twm, "sample_z", lambda log_q: next(samples))
-    losses, z_in, _ = twm.world_model_losses(obs_model, dyn, (s["frames"], s["a"], s["r"], s["terminated"],
-                                                             s["truncated"]), args)
+    losses, z_in, _ = twm.world_model_losses(
+        obs_model, dyn, (s["frames"], s["a"], s["r"], s["terminated"], s["truncated"]), args
+    )
     close(dyn(z_in, s["a"], s["r"][:, :-1], (s["terminated"] | s["truncated"])[:, :-1]), s["h"])
     value = {name: float(loss.detach()) for name, loss in losses.items()}
-    # deviation: the pixel and reward Gaussians drop their ½ln2π constants (16384 pixels per stack; coefficient 10)
+    # deviation: the pixel and reward Gaussians drop their ½ln2π constants (16384 pixels per stack;
+    # coefficient 10)
     assert value["decoder"] + 16384 * HALF_LOG_2PI == pytest.approx(official["dec_loss"], rel=1e-6)
     assert value["reward"] + 10 * HALF_LOG_2PI == pytest.approx(official["reward_loss"], abs=1e-5)
     assert value["discount"] == pytest.approx(official["discount_loss"], abs=1e-5)
     assert value["entropy_hinge"] == pytest.approx(official["z_entropy_loss"], abs=1e-6)
     assert value["consistency"] == pytest.approx(official["enc_prior_loss"], abs=1e-6)
-    # deviation: the official dynamics loss at HEAD is reward + discount only; the next-z term it skips is ours
-    assert official["dyn_loss"] == pytest.approx(official["reward_loss"] + official["discount_loss"], abs=1e-4)
+    # deviation: the official dynamics loss at HEAD is reward + discount only; the next-z term it skips is
+    # ours
+    assert official["dyn_loss"] == pytest.approx(
+        official["reward_loss"] + official["discount_loss"], abs=1e-4
+    )
     assert value["next_z"] == pytest.approx(twm_golden["wm_loss"]["next_z_by_hand"]["z_pred_loss"], abs=1e-5)
 
 
@@ -195,59 +243,114 @@ def test_twm_function_level_fixtures(monkeypatch):
     close(advantages + values[:, :-1], torch.as_tensor(g["returns"]))
 
     g = np.load(GOLDEN / "twm_actor_loss.npz")
-    for case in ("broad", "peaked"):  # an actor that outputs the stored logits; zero values, so A = the rewards
+    for case in (
+        "broad",
+        "peaked",
+    ):  # an actor that outputs the stored logits; zero values, so A = the rewards
         logits = torch.as_tensor(g[f"{case}_logits"])
-        args = replace(twm.Args(), actor_entropy_coef=float(g["coef"]), actor_entropy_threshold=float(g["threshold"]))
-        rollout = (torch.zeros(4, 16, 1), torch.as_tensor(g[f"{case}_a"]), torch.as_tensor(g["advantages"]),
-                   torch.zeros(4, 15), torch.zeros(4, 15, dtype=torch.bool), torch.as_tensor(g[f"{case}_weights"]))
-        losses = twm.actor_critic_losses(lambda z: logits, lambda z: torch.zeros(*z.shape[:2], 1), rollout, args)
+        args = replace(
+            twm.Args(), actor_entropy_coef=float(g["coef"]), actor_entropy_threshold=float(g["threshold"])
+        )
+        rollout = (
+            torch.zeros(4, 16, 1),
+            torch.as_tensor(g[f"{case}_a"]),
+            torch.as_tensor(g["advantages"]),
+            torch.zeros(4, 15),
+            torch.zeros(4, 15, dtype=torch.bool),
+            torch.as_tensor(g[f"{case}_weights"]),
+        )
+        losses = twm.actor_critic_losses(
+            lambda z: logits, lambda z: torch.zeros(*z.shape[:2], 1), rollout, args
+        )
         assert float(losses["actor"].detach()) == pytest.approx(float(g[f"{case}_loss"]), abs=1e-6)
         assert float(losses["policy_entropy"]) == pytest.approx(float(g[f"{case}_norm_ent"]), abs=1e-6)
 
     g = np.load(GOLDEN / "twm_critic_loss.npz")
     values, returns, weights = (torch.as_tensor(g[k]) for k in ("values", "returns", "weights"))
-    rollout = (torch.zeros(4, 16, 1), torch.zeros(4, 15, dtype=torch.long), returns, torch.zeros(4, 15),
-               torch.zeros(4, 15, dtype=torch.bool), weights)  # zero discounts: the λ-return is the reward
-    critic = lambda z: F.pad(values, (0, 1))[..., None]  # noqa: E731
-    losses = twm.actor_critic_losses(lambda z: torch.zeros(*z.shape[:2], 6), critic, rollout, twm.Args())
-    assert float(losses["critic"].detach()) + HALF_LOG_2PI * float(weights.mean()) == pytest.approx(float(g["loss"]), abs=1e-6)
+    rollout = (
+        torch.zeros(4, 16, 1),
+        torch.zeros(4, 15, dtype=torch.long),
+        returns,
+        torch.zeros(4, 15),
+        torch.zeros(4, 15, dtype=torch.bool),
+        weights,
+    )  # zero discounts: the λ-return is the reward
+
+    def critic(z):  # the stored values, and V = 0 after the horizon
+        return F.pad(values, (0, 1))[..., None]
+
+    def actor(z):  # uniform logits over 6 actions
+        return torch.zeros(*z.shape[:2], 6)
+
+    losses = twm.actor_critic_losses(actor, critic, rollout, twm.Args())
+    assert float(losses["critic"].detach()) + HALF_LOG_2PI * float(weights.mean()) == pytest.approx(
+        float(g["loss"]), abs=1e-6
+    )
 
     g = np.load(GOLDEN / "twm_visit_probs.npz")
-    replay = twm.Replay(capacity=70, frame_shape=(1, 64, 64), stack=4, temperature=float(g["temperature"]), seed=0)
+    replay = twm.Replay(
+        capacity=70, frame_shape=(1, 64, 64), stack=4, temperature=float(g["temperature"]), seed=0
+    )
     replay.size, replay.visits[1:51] = 50 + 16, g["visits"]  # starts 1..50 for sequences of 16
     np.testing.assert_allclose(replay.start_probabilities(16)[1], g["probs"], atol=1e-7)
 
-    g = np.load(GOLDEN / "twm_train_mask.npz")  # which of 50 training tokens (z, a, r per step) each token may not see
-    args = replace(twm.Args(), z_categoricals=8, z_classes=8, dyn_layers=1, dyn_embed_dim=32, dyn_heads=2, dyn_head_dim=16,
-                   dyn_ff_dim=64, dyn_z_head_dim=64, dyn_head_dim_rg=32, dyn_dropout=0.0)
+    g = np.load(
+        GOLDEN / "twm_train_mask.npz"
+    )  # which of 50 training tokens (z, a, r per step) each token may not see
+    args = replace(
+        twm.Args(),
+        z_categoricals=8,
+        z_classes=8,
+        dyn_layers=1,
+        dyn_embed_dim=32,
+        dyn_heads=2,
+        dyn_head_dim=16,
+        dyn_ff_dim=64,
+        dyn_z_head_dim=64,
+        dyn_head_dim_rg=32,
+        dyn_dropout=0.0,
+    )
     dyn, masks = twm.DynamicsModel(args, 3).eval(), []
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(twm.F, "scaled_dot_product_attention",
-                        lambda *a, attn_mask, **k: masks.append(attn_mask) or original(*a, attn_mask=attn_mask, **k))
+    monkeypatch.setattr(
+        twm.F,
+        "scaled_dot_product_attention",
+        lambda *a, attn_mask, **k: masks.append(attn_mask) or original(*a, attn_mask=attn_mask, **k),
+    )
     dones = torch.as_tensor(g["stop_mask"])
     with torch.no_grad():
-        dyn(torch.zeros(3, 17, args.z_categoricals * args.z_classes), torch.zeros(3, 17, dtype=torch.long),
-            torch.zeros(3, 16), dones)
+        dyn(
+            torch.zeros(3, 17, args.z_categoricals * args.z_classes),
+            torch.zeros(3, 17, dtype=torch.long),
+            torch.zeros(3, 16),
+            dones,
+        )
     blocked = torch.isinf(masks[0][:, 0]).permute(1, 2, 0)  # (query, key, batch) as stored
     assert torch.equal(blocked, torch.as_tensor(g["mask_true_means_blocked"]))
 
 
-# ---- IRIS -------------------------------------------------------------------------------------------------------
+# ---- IRIS --------------------------------------------------------------------------------------------------
 def tokenizer_mapping(tokenizer, args):
-    """(our name, official name) pairs, walking our Sequential encoder and decoder in the official forward order."""
+    """(our name, official name) pairs, walking our Sequential encoder and decoder in the official forward
+    order."""
+
     def block_names(module, official):
         if isinstance(module, iris.ResnetBlock):
             pairs = [("net.0", "norm1"), ("net.2", "conv1"), ("net.3", "norm2"), ("net.5", "conv2")]
             return pairs + ([("skip", "nin_shortcut")] if isinstance(module.skip, torch.nn.Conv2d) else [])
         if isinstance(module, iris.AttnBlock):
             return [("norm", "norm"), ("qkv", ("q", "k", "v")), ("proj_out", "proj_out")]
-        return [("1", "conv")] if isinstance(module, torch.nn.Sequential) else [("", "")]  # Down/Upsample, or a layer
+        return (
+            [("1", "conv")] if isinstance(module, torch.nn.Sequential) else [("", "")]
+        )  # Down/Upsample, or a layer
 
     levels = len(args.tok_ch_mult)
     encoder = ["conv_in"]
     for i in range(levels):
         for j in range(args.tok_num_res_blocks):
-            encoder += [f"down.{i}.block.{j}"] + [f"down.{i}.attn.{j}"] * (64 >> i in args.tok_attn_resolutions)
+            encoder += [f"down.{i}.block.{j}"] + [f"down.{i}.attn.{j}"] * (
+                64 >> i in args.tok_attn_resolutions
+            )
         encoder += [f"down.{i}.downsample"] * (i < levels - 1)
     encoder += ["mid.block_1", "mid.attn_1", "mid.block_2", "norm_out", None, "conv_out"]
     decoder = ["conv_in", "mid.block_1", "mid.attn_1", "mid.block_2"]
@@ -264,13 +367,28 @@ def tokenizer_mapping(tokenizer, args):
             for ours, theirs in block_names(module, official) if official else []:
                 prefix, source = f"{part}.{index}" + (f".{ours}" if ours else ""), f"{part}.{official}"
                 for p in ("weight", "bias"):
-                    if isinstance(theirs, tuple):  # our fused q, k, v: official q, k, v stacked on the output channels
-                        pairs.append((f"{prefix}.{p}", lambda w, s=source, t=theirs, p=p:
-                                      torch.cat([w[f"{s}.{x}.{p}"] for x in t])))
+                    if isinstance(
+                        theirs, tuple
+                    ):  # our fused q, k, v: official q, k, v stacked on the output channels
+                        pairs.append(
+                            (
+                                f"{prefix}.{p}",
+                                lambda w, s=source, t=theirs, p=p: torch.cat([w[f"{s}.{x}.{p}"] for x in t]),
+                            )
+                        )
                     else:
-                        pairs.append((f"{prefix}.{p}", f"{source}" + (f".{theirs}" if theirs else "") + f".{p}"))
-    return pairs + [(f"{q}.{p}", f"{q}.{p}") for q in ("pre_quant_conv", "post_quant_conv") for p in ("weight", "bias")] + \
-        [("codebook.weight", "embedding.weight")]
+                        pairs.append(
+                            (f"{prefix}.{p}", f"{source}" + (f".{theirs}" if theirs else "") + f".{p}")
+                        )
+    return (
+        pairs
+        + [
+            (f"{q}.{p}", f"{q}.{p}")
+            for q in ("pre_quant_conv", "post_quant_conv")
+            for p in ("weight", "bias")
+        ]
+        + [("codebook.weight", "embedding.weight")]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -280,26 +398,68 @@ def iris_golden():
 
 @pytest.fixture(scope="module")
 def iris_models(iris_golden):
-    args = replace(iris.Args(), tok_ch=32, tok_ch_mult=(1, 1, 2, 2, 1), tok_num_res_blocks=1, tok_attn_resolutions=(8, 16),
-                   tok_z_channels=64, tok_vocab_size=64, tok_embed_dim=32, wm_num_layers=2, wm_num_heads=4,
-                   wm_embed_dim=64, wm_dropout=0.1, wm_sequence_length=4, imagine_horizon=4, burn_in=3)
+    args = replace(
+        iris.Args(),
+        tok_ch=32,
+        tok_ch_mult=(1, 1, 2, 2, 1),
+        tok_num_res_blocks=1,
+        tok_attn_resolutions=(8, 16),
+        tok_z_channels=64,
+        tok_vocab_size=64,
+        tok_embed_dim=32,
+        wm_num_layers=2,
+        wm_num_heads=4,
+        wm_embed_dim=64,
+        wm_dropout=0.1,
+        wm_sequence_length=4,
+        imagine_horizon=4,
+        burn_in=3,
+    )
     tokenizer, world_model = iris.Tokenizer(args), iris.WorldModel(args, 5)
     actor_critic = iris.ActorCritic(5, 512, (32, 32, 64, 64))
     load_mapped(tokenizer, official_weights(iris_golden, "tokenizer"), tokenizer_mapping(tokenizer, args))
-    mapping = [("obs_emb.weight", "embedder.embedding_tables.1.weight"),  # table 0 is the action table
-               ("act_emb.weight", "embedder.embedding_tables.0.weight"), ("pos_emb.weight", "pos_emb.weight"),
-               *[(f"ln_f.{p}", f"transformer.ln_f.{p}") for p in ("weight", "bias")]]
+    mapping = [
+        ("obs_emb.weight", "embedder.embedding_tables.1.weight"),  # table 0 is the action table
+        ("act_emb.weight", "embedder.embedding_tables.0.weight"),
+        ("pos_emb.weight", "pos_emb.weight"),
+        *[(f"ln_f.{p}", f"transformer.ln_f.{p}") for p in ("weight", "bias")],
+    ]
     for i in range(2):
         ours, theirs = f"blocks.{i}.", f"transformer.blocks.{i}."
-        mapping += [(f"{ours}{o}.{p}", f"{theirs}{t}.{p}") for o, t in (("ln1", "ln1"), ("ln2", "ln2"),
-                    ("attn.proj", "attn.proj"), ("mlp.0", "mlp.0"), ("mlp.2", "mlp.2")) for p in ("weight", "bias")]
-        mapping += [(f"{ours}attn.qkv.{p}", lambda w, t=theirs, p=p: torch.cat([w[f"{t}attn.{x}.{p}"]
-                                                                              for x in ("query", "key", "value")]))
-                    for p in ("weight", "bias")]
-    mapping += [(f"{o}.{i}.{p}", f"{t}.head_module.{i}.{p}") for o, t in (("head_obs", "head_observations"),
-                ("head_reward", "head_rewards"), ("head_end", "head_ends")) for i in (0, 2) for p in ("weight", "bias")]
+        mapping += [
+            (f"{ours}{o}.{p}", f"{theirs}{t}.{p}")
+            for o, t in (
+                ("ln1", "ln1"),
+                ("ln2", "ln2"),
+                ("attn.proj", "attn.proj"),
+                ("mlp.0", "mlp.0"),
+                ("mlp.2", "mlp.2"),
+            )
+            for p in ("weight", "bias")
+        ]
+        mapping += [
+            (
+                f"{ours}attn.qkv.{p}",
+                lambda w, t=theirs, p=p: torch.cat(
+                    [w[f"{t}attn.{x}.{p}"] for x in ("query", "key", "value")]
+                ),
+            )
+            for p in ("weight", "bias")
+        ]
+    mapping += [
+        (f"{o}.{i}.{p}", f"{t}.head_module.{i}.{p}")
+        for o, t in (
+            ("head_obs", "head_observations"),
+            ("head_reward", "head_rewards"),
+            ("head_end", "head_ends"),
+        )
+        for i in (0, 2)
+        for p in ("weight", "bias")
+    ]
     load_mapped(world_model, official_weights(iris_golden, "world_model"), mapping)
-    mapping = [(f"cnn.{i}.{p}", f"conv{n}.{p}") for n, i in enumerate((0, 3, 6, 9), 1) for p in ("weight", "bias")]
+    mapping = [
+        (f"cnn.{i}.{p}", f"conv{n}.{p}") for n, i in enumerate((0, 3, 6, 9), 1) for p in ("weight", "bias")
+    ]
     mapping += [(f"lstm.{p}", f"lstm.{p}") for p in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     mapping += [(f"{o}.{p}", f"{o}_linear.{p}") for o in ("actor", "critic") for p in ("weight", "bias")]
     load_mapped(actor_critic, official_weights(iris_golden, "actor_critic"), mapping)
@@ -317,7 +477,8 @@ def test_iris_tokenizer(iris_golden, iris_models):
         close(tokenizer.decode_latent(z_q), s["decoded"], atol=5e-5)
         _, parts = iris.tokenizer_loss(tokenizer, s["frames"], args.tok_beta)
         assert float(parts["codebook"] + parts["commitment"]) == pytest.approx(s["commitment_loss"], abs=1e-6)
-        # deviation: we train with Delta-IRIS's L1 + L2 + max recipe instead of L1 + LPIPS; the official L1 term:
+        # deviation: we train with Delta-IRIS's L1 + L2 + max recipe instead of L1 + LPIPS; the official L1
+        # term:
         x = s["frames"].float() / 255 * 2 - 1
         l1 = (tokenizer.decode_latent(iris.straight_through(z, z_q)) - x).abs().mean()
         assert float(l1) == pytest.approx(s["reconstruction_loss"], abs=1e-6)
@@ -332,8 +493,9 @@ def test_iris_world_model_full_and_cached(iris_golden, iris_models):
         close(reward, s["logits_rewards"])
         close(end, s["logits_ends"])
         cache = world_model.new_cache(3)
-        outputs = [world_model(s["tokens"][:, :16], cache)] + [world_model(s["tokens"][:, t:t + 1], cache)
-                                                                for t in range(16, 68)]
+        outputs = [world_model(s["tokens"][:, :16], cache)] + [
+            world_model(s["tokens"][:, t : t + 1], cache) for t in range(16, 68)
+        ]
     close(torch.cat([o[0] for o in outputs], 1), s["logits_observations"])
     close(torch.cat([o[1] for o in outputs], 1), s["logits_rewards"])
 
@@ -391,8 +553,9 @@ def test_iris_seeded_imagination_and_loss(iris_golden, iris_models):
 
 def test_iris_lambda_returns_fixture():
     g = np.load(GOLDEN / "iris_lambda_returns.npz")
-    returns = iris.lambda_returns(*(torch.as_tensor(g[k]) for k in ("rewards", "values", "ends")), float(g["gamma"]),
-                                  float(g["lam"]))
+    returns = iris.lambda_returns(
+        *(torch.as_tensor(g[k]) for k in ("rewards", "values", "ends")), float(g["gamma"]), float(g["lam"])
+    )
     close(returns, torch.as_tensor(g["returns"]))
 
 

@@ -1,4 +1,5 @@
-"""Tests of twm.py: the maths against hand-computed values, the Transformer-XL cache, the wrappers, learning."""
+"""Tests of twm.py: the maths against hand-computed values, the Transformer-XL cache, the wrappers,
+learning."""
 
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import evaluate_checkpoint as tool
 import numpy as np
 import pytest
 import torch
@@ -20,20 +22,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_args(**overrides):
-    return twm.parse_args(["--preset", "tiny", "--env-id", "tests.catch:Catch-v0",
-                           *[f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()]])
+    return twm.parse_args(
+        [
+            "--preset",
+            "tiny",
+            "--env-id",
+            "tests.catch:Catch-v0",
+            *[f"--{k.replace('_', '-')}={v}" for k, v in overrides.items()],
+        ]
+    )
 
 
 @pytest.mark.timeout(30)
 def test_lambda_advantages_with_predicted_discounts_and_restarts():
     rewards = torch.tensor([[1.0, 0.0, 2.0]])
     values = torch.tensor([[0.5, 1.0, -1.0, 3.0]])
-    discounts = torch.tensor([[0.9, 0.0, 0.8]])  # the middle step ended an imagined episode: γ' = γ̂(1 - d) = 0
+    discounts = torch.tensor(
+        [[0.9, 0.0, 0.8]]
+    )  # the middle step ended an imagined episode: γ' = γ̂(1 - d) = 0
     lam = 0.5
     # by hand, backwards from A_3 = 0:
-    a2 = 2.0 + 0.8 * 3.0 - (-1.0)                  # 5.4
-    a1 = 0.0 + 0.0 * -1.0 - 1.0 + lam * 0.0 * a2    # -1.0: nothing flows across the restart
-    a0 = 1.0 + 0.9 * 1.0 - 0.5 + lam * 0.9 * a1     # 0.95
+    a2 = 2.0 + 0.8 * 3.0 - (-1.0)  # 5.4
+    a1 = 0.0 + 0.0 * -1.0 - 1.0 + lam * 0.0 * a2  # -1.0: nothing flows across the restart
+    a0 = 1.0 + 0.9 * 1.0 - 0.5 + lam * 0.9 * a1  # 0.95
     got = twm.lambda_advantages(rewards, values, discounts, lam)
     torch.testing.assert_close(got, torch.tensor([[a0, a1, a2]]))
     # R^λ = A + V equals the recursive λ-return r + γ'[(1-λ)V' + λR'], R_H = V_H
@@ -57,8 +68,14 @@ def test_thresholded_entropy_penalty(logits):
     args = tiny_args()
     actor, critic = fixed_policy(logits), fixed_policy([0.0])  # zero values, zero rewards: no policy gradient
     n, h = 5, 3
-    rollout = (torch.zeros(n, h + 1, 4), torch.zeros(n, h, dtype=torch.long), torch.zeros(n, h), torch.ones(n, h),
-               torch.zeros(n, h, dtype=torch.bool), torch.ones(n, h))
+    rollout = (
+        torch.zeros(n, h + 1, 4),
+        torch.zeros(n, h, dtype=torch.long),
+        torch.zeros(n, h),
+        torch.ones(n, h),
+        torch.zeros(n, h, dtype=torch.bool),
+        torch.ones(n, h),
+    )
     losses = twm.actor_critic_losses(actor, critic, rollout, args)
     p = torch.tensor(logits).softmax(0)
     normalised_entropy = float(-(p * p.log()).sum() / math.log(3))
@@ -112,15 +129,24 @@ def test_loss_scales_are_sums_over_pixels_and_categoricals():
     # entropy hinge: zero at maximal entropy, 5 * 0.1 at zero entropy
     uniform = torch.full((3, 16, 16), -math.log(16))
     peaked = torch.full((3, 16, 16), -1e4).scatter(-1, torch.zeros(3, 16, 1, dtype=torch.long), 0.0)
-    assert twm.observation_losses(obs_model, uniform, uniform.exp().flatten(-2), obs[0, :3], args)[1].item() == 0
-    assert twm.observation_losses(obs_model, peaked, peaked.exp().flatten(-2), obs[0, :3], args)[1].item() == \
-        pytest.approx(0.5)
-    # next-z cross-entropy: a uniform prediction costs Σ over the 16 categoricals of ln 16, whatever the target
+    assert (
+        twm.observation_losses(obs_model, uniform, uniform.exp().flatten(-2), obs[0, :3], args)[1].item() == 0
+    )
+    assert twm.observation_losses(obs_model, peaked, peaked.exp().flatten(-2), obs[0, :3], args)[
+        1
+    ].item() == pytest.approx(0.5)
+    # next-z cross-entropy: a uniform prediction costs Σ over the 16 categoricals of ln 16, whatever the
+    # target
     nn.init.zeros_(dyn.z_head[-1].weight)
     nn.init.zeros_(dyn.z_head[-1].bias)
     dyn.eval()
-    batch = (obs, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool),
-             torch.zeros(2, 3, dtype=torch.bool))
+    batch = (
+        obs,
+        torch.zeros(2, 3, dtype=torch.long),
+        torch.zeros(2, 3),
+        torch.zeros(2, 3, dtype=torch.bool),
+        torch.zeros(2, 3, dtype=torch.bool),
+    )
     losses, _, _ = twm.world_model_losses(obs_model, dyn, batch, args)
     assert losses["next_z"].item() == pytest.approx(16 * math.log(16), rel=1e-5)
     assert losses["consistency"].item() > 0
@@ -142,8 +168,13 @@ def test_straight_through_gradient_is_the_gradient_of_the_probabilities():
 
 def random_sequence(args, batch=3, steps=6, dones_at=()):
     z_dim = args.z_categoricals * args.z_classes
-    z = torch.nn.functional.one_hot(torch.randint(0, args.z_classes, (batch, steps, args.z_categoricals)),
-                                    args.z_classes).float().flatten(-2)
+    z = (
+        torch.nn.functional.one_hot(
+            torch.randint(0, args.z_classes, (batch, steps, args.z_categoricals)), args.z_classes
+        )
+        .float()
+        .flatten(-2)
+    )
     actions, rewards = torch.randint(0, 3, (batch, steps)), torch.randn(batch, steps - 1)
     dones = torch.zeros(batch, steps - 1, dtype=torch.bool)
     for k in dones_at:
@@ -181,7 +212,10 @@ def test_no_attention_across_an_episode_boundary():
     changed_actions[:, :3] = (actions[:, :3] + 1) % 3
     changed_rewards[:, :3] += 1.0
     with torch.no_grad():
-        before, after = dyn(z, actions, rewards, dones), dyn(changed_z, changed_actions, changed_rewards, dones)
+        before, after = (
+            dyn(z, actions, rewards, dones),
+            dyn(changed_z, changed_actions, changed_rewards, dones),
+        )
     torch.testing.assert_close(before[:, 3:], after[:, 3:])  # the new episode cannot see the old one
     assert not torch.allclose(before[:, :3], after[:, :3])
     no_boundary = torch.zeros_like(dones)
@@ -267,19 +301,24 @@ def test_noops_in_training_only():
     def start_frames(train):
         env = make_atari("PongNoFrameskip-v4", train=train)
         return {env.reset(seed=seed)[1]["episode_frame_number"] for seed in range(8)}
+
     assert len(start_frames(train=True)) > 1  # up to 30 random no-ops
     assert len(start_frames(train=False)) == 1  # evaluation starts the same way every time
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("env_id, message", [
-    ("NoSuchGame-v0", "unknown env id"),
-    ("Pendulum-v1", "needs Discrete actions"),
-    ("CartPole-v1", "needs uint8 images"),
-])
+@pytest.mark.parametrize(
+    "env_id, message",
+    [
+        ("NoSuchGame-v0", "unknown env id"),
+        ("Pendulum-v1", "needs Discrete actions"),
+        ("CartPole-v1", "needs uint8 images"),
+    ],
+)
 def test_bad_env_stops_with_one_line(env_id, message):
-    result = subprocess.run([sys.executable, "twm.py", "--env-id", env_id], cwd=ROOT, capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "twm.py", "--env-id", env_id], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode != 0 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -287,8 +326,13 @@ def test_bad_env_stops_with_one_line(env_id, message):
 def run_script(tmp_path, *flags, timeout, suffix=""):
     run = f"test_{tmp_path.name}{suffix}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)  # a folder that holds a run is refused
-    subprocess.run([sys.executable, "twm.py", "--run-name", run, *flags], cwd=ROOT, check=True, timeout=timeout,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "twm.py", "--run-name", run, *flags],
+        cwd=ROOT,
+        check=True,
+        timeout=timeout,
+        stdout=subprocess.DEVNULL,
+    )
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
 
 
@@ -301,27 +345,74 @@ def test_tiny_preset_learns_catch(tmp_path):
 
 @pytest.mark.timeout(300)
 def test_end_to_end_on_real_pong_writes_summary(tmp_path):
-    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "PongNoFrameskip-v4", "--total-timesteps", "300",
-                         "--prefill", "200", "--pretrain-obs-updates", "5", "--pretrain-dyn-updates", "5",
-                         "--pretrain-ac-updates", "5", "--eval-episodes", "1", timeout=290)
-    assert set(summary) >= {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
-                            "eval_return_std", "wall_seconds", "human_normalized_score"}
+    summary = run_script(
+        tmp_path,
+        "--preset",
+        "tiny",
+        "--env-id",
+        "PongNoFrameskip-v4",
+        "--total-timesteps",
+        "300",
+        "--prefill",
+        "200",
+        "--pretrain-obs-updates",
+        "5",
+        "--pretrain-dyn-updates",
+        "5",
+        "--pretrain-ac-updates",
+        "5",
+        "--eval-episodes",
+        "1",
+        timeout=290,
+    )
+    assert set(summary) >= {
+        "env_id",
+        "seed",
+        "total_timesteps",
+        "eval_episodes",
+        "eval_return_mean",
+        "eval_return_std",
+        "wall_seconds",
+        "human_normalized_score",
+    }
     assert summary["env_id"] == "PongNoFrameskip-v4" and -21 <= summary["eval_return_mean"] <= 21
 
 
 def logged_losses(run):
     """{tag: [values]} of the losses/ scalars that a run wrote to TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(ROOT / "runs" / run))
     events.Reload()
-    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+    return {
+        tag: [e.value for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("losses/")
+    }
 
 
 @pytest.mark.timeout(300)
 def test_same_seed_same_losses(tmp_path):
-    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "560", "--prefill", "500",
-             "--pretrain-obs-updates", "5", "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "10",
-             "--eval-episodes", "2"]
+    flags = [
+        "--preset",
+        "tiny",
+        "--env-id",
+        "tests.catch:Catch-v0",
+        "--total-timesteps",
+        "560",
+        "--prefill",
+        "500",
+        "--pretrain-obs-updates",
+        "5",
+        "--pretrain-dyn-updates",
+        "5",
+        "--pretrain-ac-updates",
+        "5",
+        "--log-every",
+        "10",
+        "--eval-episodes",
+        "2",
+    ]
     for suffix in ("_a", "_b"):
         run_script(tmp_path, *flags, timeout=140, suffix=suffix)
     first, second = logged_losses(f"test_{tmp_path.name}_a"), logged_losses(f"test_{tmp_path.name}_b")
@@ -330,26 +421,47 @@ def test_same_seed_same_losses(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoints, resume, interruption, --eval-checkpoint, non-finite losses, dream images.
+# Checkpoints, resume, interruption, non-finite losses; tools/evaluate_checkpoint.py: games, video, dream.
 # ------------------------------------------------------------------------------------------------
 
-SHORT = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--prefill", "500", "--pretrain-obs-updates", "5",
-         "--pretrain-dyn-updates", "5", "--pretrain-ac-updates", "5", "--log-every", "5", "--eval-episodes", "2"]
+SHORT = [
+    "--preset",
+    "tiny",
+    "--env-id",
+    "tests.catch:Catch-v0",
+    "--prefill",
+    "500",
+    "--pretrain-obs-updates",
+    "5",
+    "--pretrain-dyn-updates",
+    "5",
+    "--pretrain-ac-updates",
+    "5",
+    "--log-every",
+    "5",
+    "--eval-episodes",
+    "2",
+]
 
 
 def twm_cli(*flags, timeout=120):
     """twm.py in a subprocess; its CompletedProcess, output as text."""
-    return subprocess.run([sys.executable, "twm.py", *flags], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "twm.py", *flags], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def losses_after(run_dir, step):
     """{tag: [(step, value)]} of the losses/ scalars a run wrote after agent step `step`."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     events = EventAccumulator(str(run_dir))
     events.Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag) if e.step > step]
-            for tag in events.Tags()["scalars"] if tag.startswith("losses/")}
+    return {
+        tag: [(e.step, e.value) for e in events.Scalars(tag) if e.step > step]
+        for tag in events.Tags()["scalars"]
+        if tag.startswith("losses/")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -367,7 +479,9 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
     # evaluation). Resumed with total_timesteps 600, it must log exactly the losses of the 600-step run.
     full = run_script(tmp_path, *SHORT, "--total-timesteps", "600", timeout=120, suffix="_full")
     run_script(tmp_path, *SHORT, "--total-timesteps", "550", timeout=120, suffix="_first")
-    checkpoint = torch.load(ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False)
+    checkpoint = torch.load(
+        ROOT / "runs" / f"test_{tmp_path.name}_first" / "checkpoint.pt", weights_only=False
+    )
     assert checkpoint["counters"][:2] == (550, 50)  # agent steps, updates
     checkpoint["args"]["total_timesteps"] = 600
     resumed = ROOT / "runs" / f"test_{tmp_path.name}_resumed"
@@ -376,8 +490,13 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
     torch.save(checkpoint, resumed / "checkpoint.pt", pickle_module=twm.cloudpickle)
     result = twm_cli("--resume", str(resumed / "checkpoint.pt"))
     assert result.returncode == 0, result.stderr[-2000:]
-    expected, got = losses_after(ROOT / "runs" / f"test_{tmp_path.name}_full", 550), losses_after(resumed, 550)
-    assert len(expected) >= 10 and all(len(values) == 10 for values in expected.values())  # updates 55, 60 .. 100
+    expected, got = (
+        losses_after(ROOT / "runs" / f"test_{tmp_path.name}_full", 550),
+        losses_after(resumed, 550),
+    )
+    assert len(expected) >= 10 and all(
+        len(values) == 10 for values in expected.values()
+    )  # updates 55, 60 .. 100
     assert got == expected
     assert json.loads((resumed / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
 
@@ -386,30 +505,63 @@ def test_resume_gives_the_losses_of_the_uninterrupted_run(tmp_path):
 def test_sigterm_saves_a_checkpoint_and_exits(tmp_path):
     run = f"test_{tmp_path.name}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    process = subprocess.Popen([sys.executable, "twm.py", *SHORT, "--total-timesteps", "3000", "--run-name", run],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "twm.py", *SHORT, "--total-timesteps", "3000", "--run-name", run],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert process.stdout.readline().startswith("protocol:")  # then the networks, the replay and the handlers
     time.sleep(5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=60)
     path = ROOT / "runs" / run / "checkpoint.pt"
     assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
-    assert f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume" in stdout
+    assert (
+        f"interrupted: checkpoint saved to {Path('runs') / run / 'checkpoint.pt'}; resume with --resume"
+        in stdout
+    )
     checkpoint = torch.load(path, weights_only=False)
-    assert checkpoint["script"] == "twm" and 0 < checkpoint["counters"][0] < 3000 and "Traceback" not in stderr
+    assert (
+        checkpoint["script"] == "twm" and 0 < checkpoint["counters"][0] < 3000 and "Traceback" not in stderr
+    )
 
 
 @pytest.mark.timeout(300)
 def test_sigterm_in_pretraining_saves_at_once_and_resumes_to_the_same_losses(tmp_path):
-    # Interrupted in the first part of pretraining, saved within seconds, resumed: the losses of the run left alone.
-    flags = ["--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--prefill", "500", "--pretrain-obs-updates", "400",
-             "--pretrain-dyn-updates", "20", "--pretrain-ac-updates", "20", "--log-every", "5", "--eval-episodes", "2",
-             "--total-timesteps", "530"]
+    # Interrupted in the first part of pretraining, saved within seconds, resumed: the losses of the run left
+    # alone.
+    flags = [
+        "--preset",
+        "tiny",
+        "--env-id",
+        "tests.catch:Catch-v0",
+        "--prefill",
+        "500",
+        "--pretrain-obs-updates",
+        "400",
+        "--pretrain-dyn-updates",
+        "20",
+        "--pretrain-ac-updates",
+        "20",
+        "--log-every",
+        "5",
+        "--eval-episodes",
+        "2",
+        "--total-timesteps",
+        "530",
+    ]
     full = run_script(tmp_path, *flags, timeout=140, suffix="_full")
     run = f"test_{tmp_path.name}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    process = subprocess.Popen([sys.executable, "twm.py", *flags, "--run-name", run], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "twm.py", *flags, "--run-name", run],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     seen = ""
     while "pretrain observation model" not in seen:  # the progress bar of the first part
         seen += process.stderr.read(1) or pytest.fail(f"twm.py ended before pretraining: {seen[-2000:]}")
@@ -423,18 +575,33 @@ def test_sigterm_in_pretraining_saves_at_once_and_resumes_to_the_same_losses(tmp
     result = twm_cli("--resume", str(path), timeout=140)
     assert result.returncode == 0, result.stderr[-2000:]
     expected, got = losses_after(ROOT / "runs" / f"{run}_full", 0), losses_after(ROOT / "runs" / run, 0)
-    assert len(expected) >= 10 and all(len(values) == 6 for values in expected.values())  # updates 5, 10 .. 30
+    assert len(expected) >= 10 and all(
+        len(values) == 6 for values in expected.values()
+    )  # updates 5, 10 .. 30
     assert got == expected
-    assert json.loads((ROOT / "runs" / run / "summary.json").read_text())["eval_return_mean"] == full["eval_return_mean"]
+    assert (
+        json.loads((ROOT / "runs" / run / "summary.json").read_text())["eval_return_mean"]
+        == full["eval_return_mean"]
+    )
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("flags, message", [
-    (["--critic-lr", "1e30"], "error: loss actor is nan at update 1; stopped without writing a checkpoint (last good "
-                              "one: none)"),  # caught where the losses are logged
-    (["--wm-lr", "1e30", "--save-every", "250"], "error: a network output NaN in pretraining; stopped without writing "
-                                                 "a checkpoint (last good one: runs/"),  # caught in torch.distributions
-], ids=["logged loss", "network output"])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (
+            ["--critic-lr", "1e30"],
+            "error: loss actor is nan at update 1; stopped without writing a checkpoint (last good "
+            "one: none)",
+        ),  # caught where the losses are logged
+        (
+            ["--wm-lr", "1e30", "--save-every", "250"],
+            "error: a network output NaN in pretraining; stopped without writing "
+            "a checkpoint (last good one: runs/",
+        ),  # caught in torch.distributions
+    ],
+    ids=["logged loss", "network output"],
+)
 def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message):
     run = f"test_{tmp_path.name}"
     shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
@@ -442,50 +609,77 @@ def test_non_finite_training_stops_without_a_checkpoint(tmp_path, flags, message
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert message in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     path = ROOT / "runs" / run / "checkpoint.pt"
-    assert not path.exists() if "none" in message else torch.load(path, weights_only=False)["counters"][0] == 250
+    assert (
+        not path.exists() if "none" in message else torch.load(path, weights_only=False)["counters"][0] == 250
+    )
 
 
 @pytest.mark.timeout(240)
-def test_eval_checkpoint_writes_summary_dream_and_video(tmp_path, checkpoint_path):
-    run = f"test_{tmp_path.name}"
-    shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    result = twm_cli("--eval-checkpoint", str(checkpoint_path), "--env-id", "tests.catch:Catch-v0",
-                     "--eval-episodes", "3", "--capture-video", "--run-name", run)
+def test_evaluate_checkpoint_repeats_the_final_evaluation_and_writes_a_dream_and_a_video(
+    tmp_path, checkpoint_path
+):
+    run_summary = json.loads((checkpoint_path.parent / "summary.json").read_text())
+    result = subprocess.run(
+        [
+            sys.executable,
+            "tools/evaluate_checkpoint.py",
+            str(checkpoint_path),
+            "--episodes",
+            str(run_summary["eval_episodes"]),
+            "--capture-video",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
-    summary = json.loads((ROOT / "runs" / run / "summary.json").read_text())
-    assert summary["eval_episodes"] == 3 and summary["total_timesteps"] == 520 and summary["env_id"].endswith("Catch-v0")
-    assert set(summary) == {"env_id", "seed", "total_timesteps", "eval_episodes", "eval_return_mean",
-                            "eval_return_std", "wall_seconds"}  # no human_normalized_score: not an Atari game
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary == {
+        k: v for k, v in run_summary.items() if k != "wall_seconds"
+    }  # the same games and actions
     import cv2
-    assert cv2.imread(str(ROOT / "runs" / run / "dreams" / "0000520.png")) is not None
-    video = cv2.VideoCapture(str(ROOT / "runs" / run / "videos" / "eval.mp4"))
+
+    assert cv2.imread(str(tmp_path / "dream.png")) is not None
+    video = cv2.VideoCapture(str(tmp_path / "videos" / "eval.mp4"))
     ok, frame = video.read()
     assert ok and frame.shape == (256, 256, 3) and video.get(cv2.CAP_PROP_FRAME_COUNT) == 8  # a 7-step game
-    assert not (ROOT / "runs" / run / "checkpoint.pt").exists()  # no training, no checkpoint
+    bad = subprocess.run(
+        [sys.executable, "tools/evaluate_checkpoint.py", str(tmp_path / "missing.pt")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        f"evaluate_checkpoint.py: error: cannot read checkpoint {tmp_path / 'missing.pt'} "
+        "(FileNotFoundError); "
+        "pass the checkpoint.pt of a twm.py or iris.py run, runs/<run-name>/checkpoint.pt"
+    ]
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("problem, message", [
-    ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
-    ("truncated", "cannot read checkpoint"),
-    ("other script", "is not a checkpoint of twm.py but of iris.py; pass it to iris.py"),
-    ("other game", "is a checkpoint of tests.catch:Catch-v0, not of --env-id PongNoFrameskip-v4; pass --env-id"),
-    ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
-])
+@pytest.mark.parametrize(
+    "problem, message",
+    [
+        ("missing", "(FileNotFoundError); pass the intact checkpoint.pt of a run"),
+        ("truncated", "cannot read checkpoint"),
+        ("other script", "is not a checkpoint of twm.py but of iris.py; pass it to iris.py"),
+        ("run exists", "already holds a run; pass another --run-name, or continue it with --resume"),
+    ],
+)
 def test_checkpoint_problems_stop_with_one_line(tmp_path, checkpoint_path, problem, message):
-    path, flags = tmp_path / "checkpoint.pt", ["--eval-checkpoint"]
+    flags = ["--resume", str(tmp_path / "checkpoint.pt")]
     if problem == "truncated":
         data = checkpoint_path.read_bytes()
-        path.write_bytes(data[:len(data) // 2])
+        (tmp_path / "checkpoint.pt").write_bytes(data[: len(data) // 2])
     elif problem == "other script":
-        torch.save({"script": "iris", "args": {}}, path)
-    elif problem in ("other game", "run exists"):
-        path = checkpoint_path
-    if problem != "other game":
-        flags = ["--env-id", "tests.catch:Catch-v0", "--eval-checkpoint" if problem != "missing" else "--resume"]
-    if problem == "run exists":
-        flags = ["--run-name", checkpoint_path.parent.name, *flags]
-    result = twm_cli(*flags, str(path), timeout=60)
+        torch.save({"script": "iris", "args": {}}, tmp_path / "checkpoint.pt")
+    elif problem == "run exists":
+        flags = ["--env-id", "tests.catch:Catch-v0", "--run-name", checkpoint_path.parent.name]
+    result = twm_cli(*flags, timeout=60)
     assert result.returncode == 1 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
 
@@ -507,29 +701,28 @@ def filled_replay(args, steps=60):
 
 
 @pytest.mark.timeout(60)
-def test_dream_rows_follow_the_real_actions_after_the_context(tmp_path):
+def test_dream_rows_follow_the_real_actions_after_the_context():
     args = tiny_args()
     torch.manual_seed(0)
-    obs_model, dyn = twm.ObservationModel(args, args.frame_stack * 3), twm.DynamicsModel(args, 3)  # RGB frames
+    obs_model, dyn = (
+        twm.ObservationModel(args, args.frame_stack * 3).eval(),
+        twm.DynamicsModel(args, 3).eval(),
+    )
     nn.init.constant_(obs_model.decoder[-1].bias, 0.5)  # decoded frames around grey, not clamped to black
     replay = filled_replay(args)
-    rows, captions, context, title = twm.dream(obs_model, dyn, replay, args, step=7)
-    assert rows.shape == (4, 4, 7, 3, 64, 64) and context == 2  # 8-frame windows do not fit in a 7-step episode
-    assert dyn.training  # left as it was
+    rows, captions, context, title = tool.twm_dream(obs_model, dyn, replay, args, step=7)
+    assert (
+        rows.shape == (4, 4, 7, 3, 64, 64) and context == 2
+    )  # 8-frame windows do not fit in a 7-step episode
     torch.testing.assert_close(rows[:, 2, :context], rows[:, 1, :context])  # context: the reconstructions
     assert captions[0][2][:2] == ["context"] * 2 and captions[0][2][2].startswith("dream\nr=")
-    again, _, _, _ = twm.dream(obs_model, dyn, replay, args, step=7)
+    again, _, _, _ = tool.twm_dream(obs_model, dyn, replay, args, step=7)
     torch.testing.assert_close(again, rows)  # seeded by the step
-    replay.actions[:replay.size] = (replay.actions[:replay.size] + 1) % 3
-    changed, _, _, _ = twm.dream(obs_model, dyn, replay, args, step=7)
+    replay.actions[: replay.size] = (replay.actions[: replay.size] + 1) % 3
+    changed, _, _, _ = tool.twm_dream(obs_model, dyn, replay, args, step=7)
     torch.testing.assert_close(changed[:, :2], rows[:, :2])  # the same windows...
     assert not torch.allclose(changed[:, 2, context:], rows[:, 2, context:])  # ...dreamt under other actions
 
-    from torch.utils.tensorboard import SummaryWriter
-    image = twm.write_dream_image(SummaryWriter(str(tmp_path)), str(tmp_path), 7, rows, captions, context, title)
+    image = tool.dream_image(rows, captions, context, title)
     cell_w, cell_h = 2 * 64 + 8, 2 * 64 + 34  # frames scaled 2x, a 2-line caption under each
-    assert image.shape == (18 * 2 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 2-line title
-    png = (tmp_path / "dreams" / "0000007.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    import cv2
-    np.testing.assert_array_equal(cv2.imread(str(tmp_path / "dreams" / "0000007.png"))[..., ::-1], image)
+    assert image.shape == (18 * 4 + 8 + 4 * (4 * cell_h + 12), 120 + 7 * cell_w, 3)  # a 4-line title

@@ -1,14 +1,15 @@
 """What a trained agent's world model gets right on Gather, measured from its checkpoint.
 
-    python tools/diagnose_gather.py runs/<run>/checkpoint.pt          # a twm.py or an iris.py run on Gather-v0
+    python tools/diagnose_gather.py runs/<run>/checkpoint.pt    # a twm.py or an iris.py run on Gather-v0
 
 On fresh uniformly random play (seed 99), it prints:
   - policy: the final policy's mean return over 32 real games and how often it picks each action;
-  - reconstruction: how often the agent's and the goal's cells read off the autoencoder's reconstructions are right;
+  - reconstruction: how often the agent's and the goal's cells read off the autoencoder's reconstructions
+    are right;
   - reward recall: the share of real rewarded steps whose reward the world model predicts (teacher-forced);
   - one-step: how often the agent's cell in the predicted next frame is where the action really put it;
-  - oracle dream: reward per step when a scripted optimal policy, reading the dreamt frames, plays 7 steps inside
-    the world model, next to the same policy's rate in the real game (0.37).
+  - oracle dream: reward per step when a scripted optimal policy, reading the dreamt frames, plays 7 steps
+    inside the world model, next to the same policy's rate in the real game (0.37).
 The agent and goal cells are read off (decoded) frames by colour, as tests/gather.py draws them.
 """
 
@@ -26,23 +27,28 @@ MOVES = torch.tensor([(-1, 0), (1, 0), (0, -1), (0, 1)])
 
 
 def cells(frames):
-    """frames (B, 3, 64, 64) in [0, 1] -> one-hot agent cells (B, 16) (white centre), goal cells (B, 16) (yellow)."""
+    """frames (B, 3, 64, 64) in [0, 1] -> one-hot agent cells (B, 16) (white centre), goal cells (B, 16)
+    (yellow)."""
     grid = frames.reshape(-1, 3, 4, 16, 4, 16)
     centre, corner = grid[:, :, :, 6:10, :, 6:10].mean((3, 5)), grid[:, :, :, 0:3, :, 0:3].mean((3, 5))
     return (centre.min(1).values > 0.7).flatten(1), ((corner[:, 0] > 0.7) & (corner[:, 2] < 0.4)).flatten(1)
 
 
 def toward_goal(frames):
-    """The optimal action read off frames (straight to the goal); a random one where a frame cannot be read."""
+    """The optimal action read off frames (straight to the goal); a random one where a frame cannot be
+    read."""
     agent, goal = cells(frames)
     a, g = agent.float().argmax(1), goal.float().argmax(1)
-    action = torch.where(g // 4 < a // 4, 0, torch.where(g // 4 > a // 4, 1, torch.where(g % 4 < a % 4, 2, 3)))
+    action = torch.where(
+        g // 4 < a // 4, 0, torch.where(g // 4 > a // 4, 1, torch.where(g % 4 < a % 4, 2, 3))
+    )
     readable = (agent.sum(1) == 1) & (goal.sum(1) == 1)
     return torch.where(readable, action, torch.randint(0, 4, action.shape))
 
 
 def reconstructed(frames, reconstructions):
-    """Shares of frames whose reconstruction shows the agent, and the goal, in the right cell (and nowhere else)."""
+    """Shares of frames whose reconstruction shows the agent, and the goal, in the right cell (and nowhere
+    else)."""
     (agent, goal), (agent_out, goal_out) = cells(frames), cells(reconstructions)
     return (agent == agent_out).all(1).float().mean().item(), (goal == goal_out).all(1).float().mean().item()
 
@@ -73,7 +79,11 @@ def random_play(module, args, steps=2000):
 def diagnose_twm(checkpoint):
     args = twm.Args(**checkpoint["args"])
     env = twm.make_env(args, train=False)
-    c, z_dim, actions_n = args.frame_stack * env.observation_space.shape[0], args.z_categoricals * args.z_classes, 4
+    c, z_dim, actions_n = (
+        args.frame_stack * env.observation_space.shape[0],
+        args.z_categoricals * args.z_classes,
+        4,
+    )
     obs_model, dyn = twm.ObservationModel(args, c).eval(), twm.DynamicsModel(args, actions_n).eval()
     actor = twm.mlp(z_dim, args.ac_hidden_dim, actions_n, args.ac_layers)
     for module, state in zip((obs_model, dyn, actor), checkpoint["models"]):
@@ -89,13 +99,26 @@ def diagnose_twm(checkpoint):
     z = twm.mode_z(obs_model.encode(torch.as_tensor(replay.stacks(np.stack([index - 1, index], 1)))))
     memory = dyn.start(z[:, 0], torch.as_tensor(actions[index - 1]))
     eid = torch.zeros(len(index), dtype=torch.long)
-    decode = lambda z_: obs_model.decode(z_)[:, -3:].clamp(0, 1)  # noqa: E731  the newest frame of a stack
-    h, _ = dyn.step(torch.as_tensor(np.tanh(rewards[index - 1])), z[:, 1], torch.as_tensor(actions[index]), eid, eid, memory)
+
+    def decode(z_):  # the newest frame of a stack
+        return obs_model.decode(z_)[:, -3:].clamp(0, 1)
+
+    h, _ = dyn.step(
+        torch.as_tensor(np.tanh(rewards[index - 1])),
+        z[:, 1],
+        torch.as_tensor(actions[index]),
+        eid,
+        eid,
+        memory,
+    )
     log_p, reward, _ = dyn.predict(h)
     rewarded = torch.as_tensor(rewards[index] > 0)
     recall = (reward[rewarded] > np.tanh(1) / 2).float().mean().item()
-    one_step = moved_right(torch.as_tensor(frames[index]).float() / 255, torch.as_tensor(actions[index]),
-                           decode(twm.mode_z(log_p)))
+    one_step = moved_right(
+        torch.as_tensor(frames[index]).float() / 255,
+        torch.as_tensor(actions[index]),
+        decode(twm.mode_z(log_p)),
+    )
     memory = dyn.start(z[:, 0], torch.as_tensor(actions[index - 1]))  # the oracle dreams from the same starts
     z_t, r_in, dreamt = z[:, 1], torch.as_tensor(np.tanh(rewards[index - 1])), []
     for _ in range(7):
@@ -103,7 +126,10 @@ def diagnose_twm(checkpoint):
         log_p, r_in, _ = dyn.predict(h)
         z_t = twm.sample_z(log_p)
         dreamt.append(r_in / np.tanh(1))  # in reward units
-    policy = lambda stacks: twm.act(obs_model, actor, stacks, "cpu")  # noqa: E731
+
+    def policy(stacks):
+        return twm.act(obs_model, actor, stacks, "cpu")
+
     real = torch.as_tensor(frames[index]).float() / 255
     recon = reconstructed(real, decode(z[:, 1]))
     return args, policy, recall, one_step, torch.stack(dreamt).mean().item(), recon
@@ -133,7 +159,10 @@ def diagnose_iris(checkpoint):
     for _ in range(7):
         reward, _, frame = iris.world_model_step(world_model, tokenizer, cache, toward_goal(frame))
         dreamt.append(reward)
-    policy = lambda frames_, state: iris.act(tokenizer, actor_critic, frames_, state, args.eval_temperature, 0.0, "cpu")  # noqa: E731
+
+    def policy(frames_, state):
+        return iris.act(tokenizer, actor_critic, frames_, state, args.eval_temperature, 0.0, "cpu")
+
     recon = reconstructed(torch.as_tensor(frames[index]).float() / 255, tokenizer.decode(tokens))
     return args, policy, recall, one_step, torch.stack(dreamt).mean().item(), recon
 
@@ -142,16 +171,24 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=False)
     module = twm if checkpoint["script"] == "twm" else iris
-    args, policy, recall, one_step, dream_rate, (agent, goal) = (diagnose_twm if module is twm else diagnose_iris)(checkpoint)
+    args, policy, recall, one_step, dream_rate, (agent, goal) = (
+        diagnose_twm if module is twm else diagnose_iris
+    )(checkpoint)
     counts = np.zeros(4)
 
     def counting(*inputs):
         out = policy(*inputs)
         np.add.at(counts, out[0] if isinstance(out, tuple) else out, 1)
         return out
+
     returns = module.evaluate(args, counting, 32, seed=123)
-    print(f"policy: return {returns.mean():.2f} over 32 games; actions up/down/left/right "
-          f"{np.round(counts / counts.sum(), 2).tolist()}")
+    print(
+        f"policy: return {returns.mean():.2f} over 32 games; actions up/down/left/right "
+        f"{np.round(counts / counts.sum(), 2).tolist()}"
+    )
     print(f"reconstruction: agent cell right in {agent:.2f} of frames, goal cell in {goal:.2f}")
-    print(f"reward recall: {recall:.2f}   one-step: {one_step:.2f}   oracle dream: {dream_rate:.3f} reward per step "
-          f"(real game: 0.37)")
+    print(
+        f"reward recall: {recall:.2f}   one-step: {one_step:.2f}   oracle dream: {dream_rate:.3f} "
+        "reward per step "
+        f"(real game: 0.37)"
+    )
