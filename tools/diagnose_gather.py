@@ -77,7 +77,7 @@ def random_play(module, args, steps=2000):
 
 @torch.no_grad()
 def diagnose_twm(checkpoint):
-    args = twm.Args(**checkpoint["args"])
+    args = twm.Args(**{k: v for k, v in checkpoint["args"].items() if k in twm.Args.__dataclass_fields__})
     env = twm.make_env(args, train=False)
     c, z_dim, actions_n = (
         args.frame_stack * env.observation_space.shape[0],
@@ -137,7 +137,7 @@ def diagnose_twm(checkpoint):
 
 @torch.no_grad()
 def diagnose_iris(checkpoint):
-    args = iris.Args(**checkpoint["args"])
+    args = iris.Args(**{k: v for k, v in checkpoint["args"].items() if k in iris.Args.__dataclass_fields__})
     tokenizer, world_model = iris.Tokenizer(args).eval(), iris.WorldModel(args, 4).eval()
     actor_critic = iris.ActorCritic(4, args.ac_lstm_dim, args.ac_cnn_channels).eval()
     for module, state in zip((tokenizer, world_model, actor_critic), checkpoint["models"]):

@@ -198,7 +198,7 @@ def probe_iris(args, steps):
 
 def probe_actor_critic(path, steps):
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    args = iris.Args(**checkpoint["args"])
+    args = iris.Args(**{k: v for k, v in checkpoint["args"].items() if k in iris.Args.__dataclass_fields__})
     tokenizer, world_model = iris.Tokenizer(args).eval(), iris.WorldModel(args, 4).eval()
     actor_critic = iris.ActorCritic(4, args.ac_lstm_dim, args.ac_cnn_channels).eval()
     for module, state in zip((tokenizer, world_model, actor_critic), checkpoint["models"]):
