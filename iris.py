@@ -353,9 +353,8 @@ class Replay:
         def to(x):
             return torch.as_tensor(x, device=device)
         with torch.no_grad():  # with a tokenizer: tokens (B, L, 16) instead of frames (B, L, 3, 64, 64)
-            new = np.unique(index[self.tokens[index, 0] < 0])  # frames without tokens (padding too)
-            if keep_tokens and len(new):
-                self.tokens[new] = tokenizer.encode(to(self.frames[new]))[0].cpu().numpy()
+            if keep_tokens and len(new := np.unique(index[self.tokens[index, 0] < 0])):
+                self.tokens[new] = tokenizer.encode(to(self.frames[new]))[0].cpu().numpy()  # first use
             if tokenizer is None:
                 obs = self.frames[index]
             elif keep_tokens:
