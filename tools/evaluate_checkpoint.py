@@ -86,13 +86,26 @@ def policy_of(script, args, models, device):
     return lambda frames, state: iris.act(tokenizer, actor_critic, frames, state, temperature, 0.0, device)
 
 
+def windows(replay, args, step, sequences):
+    """Starts s of `sequences` random windows of real play (frames s .. s+n-1, each in one episode), n (at
+    most 16, the world-model sequence length and the longest episode) and the dream's real `context`."""
+    n = min(16, args.wm_sequence_length, np.bincount(replay.episode_start[: replay.size]).max())
+    in_one_episode = replay.episode_start[n - 1 : replay.size] <= np.arange(replay.size - n + 1)
+    starts = np.random.default_rng(step).choice(np.flatnonzero(in_one_episode), sequences)
+    return starts, n, max(2, min(16, args.wm_sequence_length) // 4)
+
+
+def rows_and_captions(real, recon, imagined, real_text, dream_text):
+    """The dream image's rows (S, 4, n, c, H, W) in [0, 1] and a caption under each frame."""
+    rows = torch.stack([real, recon, imagined, (real - imagined).abs()], 1)
+    blank = [""] * rows.shape[2]
+    return rows, [[real_text[s], blank, dream_text[s], blank] for s in range(len(rows))]
+
+
 @torch.no_grad()
 def twm_dream(obs_model, dyn, replay, args, step, sequences=4):
     """Dream rows (S, 4, n, c, H, W) and captions of TWM: real z for `context` frames, then its own ẑ, r̂."""
-    length, context = min(16, args.wm_sequence_length), max(2, min(16, args.wm_sequence_length) // 4)
-    n = min(length, np.bincount(replay.episode_start[: replay.size]).max())  # at most the longest episode
-    in_one_episode = replay.episode_start[n - 1 : replay.size] <= np.arange(replay.size - n + 1)
-    starts = np.random.default_rng(step).choice(np.flatnonzero(in_one_episode), sequences)  # frames s..s+n-1
+    starts, n, context = windows(replay, args, step, sequences)
     device = dyn.z_head[-1].weight.device
     stacks, actions, rewards, terminated, truncated = replay.sequences(starts + 1, n - 1, device)
     real_text = [
@@ -118,23 +131,20 @@ def twm_dream(obs_model, dyn, replay, args, step, sequences=4):
     c = replay.frames.shape[1]  # channels of one frame: the newest frame of a stack is its last c channels
     recon, imagined = (obs_model.decode(x)[:, :, -c:].clamp(0, 1) for x in (z, torch.stack(dreamt, 1)))
     real = stacks[:, :-1, -c:].float() / 255
-    rows = torch.stack([real, recon, imagined, (real - imagined).abs()], 1)  # (S, 4, n, c, H, W) in [0, 1]
+    rows, captions = rows_and_captions(real, recon, imagined, real_text, dream_text)
     title = [
         f"TWM dream after agent step {step}: {sequences} random windows of real play, one episode each.",
         "Rows: real (a = action, r = tanh reward, end), reconstruction, dream, |real - dream|.",
         "Dream: green = context (real z fed in), red = imagined from its own samples and real actions;",
         "r, g = predicted tanh reward and discount (end: g < 0.5).",
     ]
-    return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
+    return rows, captions, context, title
 
 
 @torch.no_grad()
 def iris_dream(tokenizer, world_model, replay, args, step, sequences=4):
     """Dream rows (S, 4, n, 3, H, W) and captions of IRIS: real tokens for `context` frames, then its own."""
-    context = max(2, min(16, args.wm_sequence_length) // 4)
-    n = min(16, args.wm_sequence_length, np.bincount(replay.episode_start[: replay.size]).max())
-    in_one_episode = replay.episode_start[n - 1 : replay.size] <= np.arange(replay.size - n + 1)
-    starts = np.random.default_rng(step).choice(np.flatnonzero(in_one_episode), sequences)
+    starts, n, context = windows(replay, args, step, sequences)
     index = starts[:, None] + np.arange(n)  # frames s .. s+n-1
     device = tokenizer.codebook.weight.device
     frames = torch.as_tensor(replay.frames[index], device=device)
@@ -159,14 +169,14 @@ def iris_dream(tokenizer, world_model, replay, args, step, sequences=4):
                 for s, (r, e) in enumerate(zip(reward.tolist(), end.tolist())):
                     dream_text[s].append(f"dream\nr={r:+.0f}" + " end" * int(e))
     real, imagined = frames.float() / 255, torch.cat(dreamt, 1)
-    rows = torch.stack([real, recon, imagined, (real - imagined).abs()], 1)  # (S, 4, n, 3, H, W) in [0, 1]
+    rows, captions = rows_and_captions(real, recon, imagined, real_text, dream_text)
     title = [
         f"IRIS dream at step {step}: {sequences} random windows of real play, one episode each.",
         "Rows: real (a = action taken, r = reward, end), reconstruction, dream, |real - dream|.",
         "Dream: green = context (real tokens fed in), red = imagined from its own sampled tokens and",
         "the real actions; r = predicted reward sign of the step, end = predicted end.",
     ]
-    return rows, [[real_text[s], [""] * n, dream_text[s], [""] * n] for s in range(sequences)], context, title
+    return rows, captions, context, title
 
 
 def dream_image(rows, captions, context, title, scale=2):
