@@ -73,6 +73,12 @@ class Args:
     """a checkpoint.pt to continue, in its folder, with the flags stored in it: every other flag is ignored"""
     capture_video: bool = False
     """save the first game of the final evaluation as runs/<run>/videos/eval.mp4"""
+    track: bool = False
+    """also log to Weights & Biases (CleanRL's flag): the TensorBoard scalars synced, the flags as config"""
+    wandb_project_name: str = "world-models"
+    """the W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user of --track (default: your own)"""
     compile: bool = False
     """torch.compile the networks (CUDA speed-up; off by default)"""
     amp: bool = False
@@ -109,8 +115,8 @@ class Args:
     """tokenizer Adam learning rate"""
     tok_batch_size: int = 256
     """tokenizer batch (single frames)"""
-    tok_grad_clip: float = 10.0
-    """tokenizer gradient-norm clip"""
+    grad_clip: float = 10.0
+    """gradient-norm clip of each update of the tokenizer, world model and actor-critic (official: 10 each)"""
     # --- Transformer world model ---
     wm_num_layers: int = 10
     """GPT blocks"""
@@ -128,8 +134,6 @@ class Args:
     """AdamW weight decay, applied to Linear weights only"""
     wm_batch_size: int = 64
     """world-model batch (segments of wm_sequence_length steps)"""
-    wm_grad_clip: float = 10.0
-    """world-model gradient-norm clip"""
     # --- actor-critic (trained in imagination) ---
     ac_lstm_dim: int = 512
     """LSTMCell hidden size"""
@@ -151,8 +155,6 @@ class Args:
     """actor-critic Adam learning rate"""
     ac_batch_size: int = 64
     """imagined trajectories per update"""
-    ac_grad_clip: float = 10.0
-    """actor-critic gradient-norm clip"""
     # --- schedule ---
     epochs: int = 600
     """training epochs"""
@@ -182,20 +184,18 @@ class Args:
 # The tiny preset keeps every mechanism (K = 16 tokens too), shrinks widths, batches, steps and 8-step
 # segments and takes larger learning rates (the README's flag table gives the number behind each choice).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
-            tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32,
-            tok_vocab_size=64, tok_embed_dim=32, tok_lr=3e-3, tok_batch_size=32, wm_num_layers=2,
-            wm_num_heads=4, wm_embed_dim=64, wm_dropout=0.0, wm_sequence_length=8, wm_lr=1e-3,
-            wm_batch_size=16, ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8,
-            entropy_coef=0.01,
-            ac_mask_after_end=True, ac_lr=1e-3, ac_batch_size=32, epochs=35, collect_steps_per_epoch=100,
-            tok_start_after=1, tok_stop_after=11, wm_start_after=2, ac_start_after=12, tok_steps_per_epoch=40,
-            wm_steps_per_epoch=80, ac_steps_per_epoch=15)
+            tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
+            tok_embed_dim=32, tok_lr=3e-3, tok_batch_size=32, wm_num_layers=2, wm_num_heads=4,
+            wm_embed_dim=64, wm_dropout=0.0, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
+            ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8,
+            entropy_coef=0.01, ac_mask_after_end=True, ac_lr=1e-3, ac_batch_size=32, epochs=35,
+            collect_steps_per_epoch=100, tok_start_after=1, tok_stop_after=11, wm_start_after=2,
+            ac_start_after=12, tok_steps_per_epoch=40, wm_steps_per_epoch=80, ac_steps_per_epoch=15)
 PRESETS = {"paper": Args(), "tiny": Args(preset="tiny", **TINY)}
 # Start-up checks: every number a flag sets must be positive, except these (flag -> what it must be).
-RANGES = dict.fromkeys("seed save_every noop_max eval_noop_max tok_start_after tok_stop_after "
-                       "wm_start_after ac_start_after tok_steps_per_epoch wm_steps_per_epoch "
-                       "ac_steps_per_epoch burn_in tok_beta wm_weight_decay entropy_coef".split(),
-                       "0 or more")
+RANGES = dict.fromkeys("seed save_every noop_max eval_noop_max tok_start_after tok_stop_after wm_start_after "
+                       "ac_start_after tok_steps_per_epoch wm_steps_per_epoch ac_steps_per_epoch burn_in "
+                       "tok_beta wm_weight_decay entropy_coef".split(), "0 or more")
 RANGES |= dict(gamma="in (0, 1]", lam="in (0, 1]", collect_epsilon="in [0, 1]", tok_vocab_size="at least 2",
                wm_dropout="in [0, 1)")
 CHECKS = {"positive": lambda x: x > 0, "0 or more": lambda x: x >= 0, "at least 2": lambda x: x >= 2,
@@ -595,8 +595,7 @@ def world_model_labels(obs_tokens, rewards, ends, mask):
             (torch.sign(rewards) + 1).long().masked_fill(~mask, -100), ends.long().masked_fill(~mask, -100))
 
 def world_model_loss(world_model, obs_tokens, actions, rewards, ends, mask):
-    """obs_tokens (B, L, 16), actions/rewards/ends/mask (B, L) -> (total, parts); right padding is causally
-    invisible."""
+    """obs_tokens (B, L, 16), actions/rewards/ends/mask (B, L) -> (total, parts); right padding: unseen."""
     sequence = torch.cat([obs_tokens, actions[..., None]], dim=2).flatten(1)  # (B, 17 L)
     obs_logits, reward_logits, end_logits = world_model(sequence)
     labels = world_model_labels(obs_tokens, rewards, ends, mask)
@@ -620,9 +619,8 @@ class ActorCritic(nn.Module):
         self.lstm = nn.LSTMCell(channels[-1] * 16, lstm_dim)  # (B, 64*4*4) in
         self.actor, self.critic = nn.Linear(lstm_dim, num_actions), nn.Linear(lstm_dim, 1)
 
-    def initial_state(self, B, device):
-        zeros = torch.zeros(B, self.lstm.hidden_size, device=device)
-        return zeros, zeros.clone()
+    def initial_state(self, B, device):  # (h, c), zeros
+        return torch.zeros(2, B, self.lstm.hidden_size, device=device).unbind()
 
     def forward(self, frames, state):
         """frames float (B, 3, 64, 64) in [0, 1] -> logits (B, A), value (B,), new (h, c)."""
@@ -758,14 +756,14 @@ def write_video(path, frames):
 def train_tokenizer(tokenizer, optimizer, replay, args, device):
     frames = replay.segments(args.tok_batch_size, 1, True, device)[0][:, 0]  # (B, 3, 64, 64) single frames
     loss, parts = tokenizer_loss(tokenizer, frames, args.tok_beta)
-    update(tokenizer, optimizer, loss, args.tok_grad_clip)
+    update(tokenizer, optimizer, loss, args.grad_clip)
     replay.tokens.fill(-1)  # kept tokens are dropped; official: every batch re-encoded (same tokens, slower)
     return dict(observation_model=loss, **parts)
 
 def train_world_model(world_model, tokenizer, optimizer, replay, args, device, keep_tokens=False):
     batch = replay.segments(args.wm_batch_size, args.wm_sequence_length, True, device, tokenizer, keep_tokens)
     loss, parts = world_model_loss(world_model, *batch)
-    update(world_model, optimizer, loss, args.wm_grad_clip)
+    update(world_model, optimizer, loss, args.grad_clip)
     return dict(dynamics_model=loss, next_tokens=parts["obs"], reward=parts["reward"], end=parts["end"])
 
 def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, args, device,
@@ -774,7 +772,7 @@ def train_actor_critic(actor_critic, tokenizer, world_model, optimizer, replay, 
                                             keep_tokens)
     imagined = imagine(tokenizer, world_model, actor_critic, tokens, mask, args.imagine_horizon)
     loss, parts = actor_critic_loss(imagined, args.gamma, args.lam, args.entropy_coef, args.ac_mask_after_end)
-    update(actor_critic, optimizer, loss, args.ac_grad_clip)
+    update(actor_critic, optimizer, loss, args.grad_clip)
     entropy = imagined["entropies"].detach().mean() / math.log(actor_critic.actor.out_features)
     return dict(actor=parts["actor"], critic=parts["critic"], entropy_bonus=parts["entropy"],
                 policy_entropy=entropy)
@@ -788,9 +786,9 @@ def log_evaluation(writer, args, returns, step):
     """eval/return_mean, eval/return_std and eval/human_normalized_score (26 games only)."""
     scores = dict(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
     scores["human_normalized_score"] = human_normalized_score(args.env_id, scores["eval_return_mean"])
+    scores = {name: value for name, value in scores.items() if value is not None}  # HNS: 26 games only
     for name, value in scores.items():
-        if value is not None:
-            writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
+        writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
     return scores
 
 # ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. ---------------
@@ -865,6 +863,10 @@ if __name__ == "__main__":
     print(f"protocol: {json.dumps(protocol)}")  # the rest: the flags
     epoch_to_enter, steps = checkpoint["counters"][:2] if checkpoint else (1, 0)  # resume: drop later events
     purge_step = 1 + max(steps, (epoch_to_enter - 1) * args.collect_steps_per_epoch) if checkpoint else None
+    if args.track:  # imported only here: wandb is needed only with --track
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=os.path.basename(run_dir), dir=os.path.dirname(run_dir))
     writer = SummaryWriter(run_dir, purge_step=purge_step)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -991,7 +993,6 @@ if __name__ == "__main__":
     scores = log_evaluation(writer, args, returns, x_step)
     summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step,
                    eval_episodes=args.eval_episodes, **scores, wall_seconds=round(time.time() - start_time))
-    summary = {key: value for key, value in summary.items() if value is not None}  # HNS: 26 games only
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))

@@ -71,6 +71,12 @@ class Args:
     """a checkpoint.pt to continue, in its folder, with the flags stored in it: every other flag is ignored"""
     capture_video: bool = False
     """save the first game of the final evaluation as runs/<run>/videos/eval.mp4"""
+    track: bool = False
+    """also log to Weights & Biases (CleanRL's flag): the TensorBoard scalars synced, the flags as config"""
+    wandb_project_name: str = "world-models"
+    """the W&B project of --track"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user of --track (default: your own)"""
     compile: bool = False
     """torch.compile the networks (CUDA speed-up; off by default)"""
     amp: bool = False
@@ -784,9 +790,9 @@ def log_evaluation(writer, args, returns, step):
     """eval/return_mean, eval/return_std and eval/human_normalized_score (26 games only)."""
     scores = dict(eval_return_mean=float(returns.mean()), eval_return_std=float(returns.std()))
     scores["human_normalized_score"] = human_normalized_score(args.env_id, scores["eval_return_mean"])
+    scores = {name: value for name, value in scores.items() if value is not None}  # HNS: 26 games only
     for name, value in scores.items():
-        if value is not None:
-            writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
+        writer.add_scalar("eval/" + name.removeprefix("eval_"), value, step)
     return scores
 
 # ---- Checkpoints: one file holds everything a run needs to go on exactly where it stopped. ---------------
@@ -858,6 +864,10 @@ if __name__ == "__main__":
                     reward="tanh(r) stored", eval_policy="z = mode of q(z|o), actions sampled",
                     observation=f"{args.frame_stack} x {env.observation_space.shape}")  # the rest: flags
     print(f"protocol: {json.dumps(protocol)}")
+    if args.track:  # imported only here: wandb is needed only with --track
+        import wandb
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=asdict(args), name=os.path.basename(run_dir), dir=os.path.dirname(run_dir))
     writer = SummaryWriter(run_dir, purge_step=checkpoint["counters"][0] + 1 if checkpoint else None)
     table = "\n".join(f"|{key}|{value}|" for key, value in asdict(args).items())
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
@@ -972,7 +982,6 @@ if __name__ == "__main__":
     scores = log_evaluation(writer, args, returns, global_step)
     summary = dict(env_id=args.env_id, seed=args.seed, total_timesteps=global_step,
                    eval_episodes=args.eval_episodes, **scores, wall_seconds=round(time.time() - start_time))
-    summary = {key: value for key, value in summary.items() if value is not None}  # HNS: 26 games only
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print(json.dumps(summary))
