@@ -19,6 +19,7 @@ import argparse
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import submitit
@@ -92,7 +93,9 @@ class Run(submitit.helpers.Checkpointable):
         self.child = subprocess.Popen(
             command, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGUSR2, signal.SIG_IGN)
         )
-        code = self.child.wait()
+        while self.child.poll() is None:  # not wait(), which holds a lock that checkpoint()'s wait() needs
+            time.sleep(1)
+        code = self.child.returncode
         if code != 0:
             raise RuntimeError(f"{' '.join(command)} exited with {code}")
         return "finished"
