@@ -81,3 +81,14 @@ def test_key_and_door_differ_only_in_colour():
     for weights in ([0.299, 0.587, 0.114], [0.2125, 0.7154, 0.0721]):  # OpenCV's and gymnasium's greyscale
         assert abs(key @ weights - door @ weights) < 1.0
     assert np.abs(key - door).max() > 60
+
+
+@pytest.mark.parametrize("script", ["twm.py", "iris.py"])
+@pytest.mark.parametrize("env_id", list(GAMES))
+def test_random_reference_tool_agrees_with_the_stated_random_return(script, env_id):
+    import random_reference  # tools/random_reference.py: each script's own evaluate() with random actions
+
+    returns = random_reference.random_returns(random_reference.SCRIPTS[script], env_id, 400)
+    random_return, _ = stated_returns(GAMES[env_id])
+    assert len(returns) == 400
+    assert abs(returns.mean() - random_return) < 4 * returns.std() / np.sqrt(400) + 0.01, returns.mean()
