@@ -371,9 +371,11 @@ def scalars(run_dir):
     return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-@pytest.mark.timeout(610)
+@pytest.mark.timeout(800)
 def test_tiny_preset_learns_catch(tmp_path):
-    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=600)
+    # the preset's whole budget: seed 1 still evaluates +0.10 at 2,000 of its 3,000 steps. 400-490 s on a
+    # quiet 2-core CPU, over 600 s on a slower one
+    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=790)
     logged = scalars(ROOT / "runs" / f"test_{tmp_path.name}")
     first, last = (lambda tag: np.mean(logged[tag][:3]), lambda tag: np.mean(logged[tag][-3:]))
     assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged[

@@ -136,7 +136,7 @@ def test_report_means_iqm_and_figures_from_the_summaries(sweeps, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_an_interrupted_job_resumes_and_ends_as_an_uninterrupted_one():
-    flags = [*TWM_SHORT, "--total-timesteps", "1000", "--log-every", "5"]
+    flags = [*TWM_SHORT, "--total-timesteps", "700", "--log-every", "5"]  # 200 updates
     for name in ("test_sweep_whole", "test_sweep_cut"):
         shutil.rmtree(ROOT / "runs" / name, ignore_errors=True)
     whole = sweep("test_sweep_whole", "twm.py", *flags, seeds=("3",))

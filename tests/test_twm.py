@@ -336,9 +336,11 @@ def run_script(tmp_path, *flags, timeout, suffix=""):
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
 
 
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(420)
 def test_tiny_preset_learns_catch(tmp_path):
-    summary = run_script(tmp_path, "--preset", "tiny", "--env-id", "tests.catch:Catch-v0", timeout=470)
+    # the first 1,500 of the preset's 3,000 steps (CI time): seed 1 evaluates +0.90 at 1,000 steps already
+    flags = ("--preset", "tiny", "--env-id", "tests.catch:Catch-v0", "--total-timesteps", "1500")
+    summary = run_script(tmp_path, *flags, timeout=410)
     # optimum +1, uniformly random policy about -0.5
     assert summary["eval_return_mean"] >= 0.7, summary
 
