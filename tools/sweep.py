@@ -16,6 +16,7 @@ resumes.
 """
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -111,6 +112,9 @@ class Run(submitit.helpers.Checkpointable):
 def executor(args):
     folder = ROOT / "runs" / args.name / "submitit"
     if args.executor == "local":
+        # the jobs share the cores: without this each takes all of them, and torch's threads oversubscribed
+        # (4 on 2 cores) make a run up to 5x slower, by chance
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, os.cpu_count() // args.workers)))
         pool = submitit.LocalExecutor(folder)
         pool.update_parameters(timeout_min=args.timeout_min, tasks_per_node=1, nodes=1)
         return pool
