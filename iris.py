@@ -181,8 +181,8 @@ class Args:
     eval_temperature: float = 0.5
     """policy softmax temperature at evaluation (still sampled, not argmax)"""
 
-# Tiny keeps every mechanism (K = 16 tokens), shrinks widths, batches and steps, gives the GPT 2,160 steps on
-# fixed tokens before the actor-critic starts (else the actor exploits its errors) and γ = 0.95 (README: why).
+# Tiny keeps every mechanism (K = 16 tokens), shrinks widths, batches and steps, gives the GPT 2,160 steps
+# on fixed tokens before the actor-critic (else it exploits their errors); γ 0.95 (docs/tiny_games.md).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
             tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
             tok_embed_dim=32, tok_lr=3e-3, tok_batch_size=32, wm_num_layers=2, wm_num_heads=4,

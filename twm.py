@@ -189,7 +189,7 @@ class Args:
 # The tiny preset keeps every mechanism and shrinks widths, batches and budgets for a 2-core CPU: world-model
 # lr x10, one frame per observation, no dropout. A 2,000-step random prefill and long pretraining (its
 # dynamics part is cheap: the encoder is frozen) make the world model good before the actor-critic trains in
-# it, else the actor exploits its errors; γ = 0.95 suits games of 7-60 steps (README: the measurements).
+# it, else the actor exploits its errors; γ = 0.95 suits games of 7-60 steps (docs/tiny_games.md).
 TINY = dict(total_timesteps=5000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
             frame_stack=1, obs_channels=8, obs_mlp_dim=256, z_categoricals=16, z_classes=16,
             dyn_layers=2, dyn_heads=2, dyn_head_dim=32, dyn_embed_dim=64, dyn_ff_dim=256, dyn_dropout=0.0,
