@@ -1,7 +1,6 @@
 """Unit tests for the IRIS model half of iris.py (CPU, tiny sizes, seconds)."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import torch
 
 import iris
+from tests.tiny_runs import run_games_together
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -372,24 +372,7 @@ def scalars(run_dir):
     return {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
-def run_games_together(tmp_path, games, timeout):
-    """The tiny preset on each game at once, one thread each (as the README's results were measured); their
-    summaries."""
-    runs = [f"test_{tmp_path.name}_{i}" for i in range(len(games))]
-    for run in runs:
-        shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs = [
-        subprocess.Popen(
-            [sys.executable, "iris.py", "--preset", "tiny", "--env-id", game, "--run-name", run],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        for game, run in zip(games, runs)
-    ]
-    assert all(job.wait(timeout) == 0 for job in jobs)
-    return [json.loads((ROOT / "runs" / run / "summary.json").read_text()) for run in runs]
+GAMES = ["tests.catch:Catch-v0", "tests.gather:Gather-v0"]
 
 
 @pytest.mark.timeout(1000)
@@ -397,7 +380,7 @@ def test_tiny_preset_learns_catch_and_gather(tmp_path):
     # the preset's whole budget, seed 1, both games at once: about 9.5 minutes on 2 cores. Each must end above
     # its bar, the random return plus half the gap to the optimum (Catch -0.50 -> 1, Gather 0.97 -> 3), and
     # the losses of every component must have fallen
-    catch, gather = run_games_together(tmp_path, ["tests.catch:Catch-v0", "tests.gather:Gather-v0"], 980)
+    catch, gather = run_games_together("iris.py", tmp_path, GAMES, 980)
     logged = scalars(ROOT / "runs" / f"test_{tmp_path.name}_0")
     first, last = (lambda tag: np.mean(logged[tag][:3]), lambda tag: np.mean(logged[tag][-3:]))
     assert last("losses/reconstruction") < 0.2 * first("losses/reconstruction"), logged[

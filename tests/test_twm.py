@@ -3,7 +3,6 @@ learning."""
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import torch
 import torch.nn as nn
 
 import twm
+from tests.tiny_runs import run_games_together
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,31 +337,14 @@ def run_script(tmp_path, *flags, timeout, suffix=""):
     return json.loads((ROOT / "runs" / run / "summary.json").read_text())
 
 
-def run_games_together(tmp_path, games, timeout):
-    """The tiny preset on each game at once, one thread each (as the README's results were measured); their
-    summaries."""
-    runs = [f"test_{tmp_path.name}_{i}" for i in range(len(games))]
-    for run in runs:
-        shutil.rmtree(ROOT / "runs" / run, ignore_errors=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    jobs = [
-        subprocess.Popen(
-            [sys.executable, "twm.py", "--preset", "tiny", "--env-id", game, "--run-name", run],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-        )
-        for game, run in zip(games, runs)
-    ]
-    assert all(job.wait(timeout) == 0 for job in jobs)
-    return [json.loads((ROOT / "runs" / run / "summary.json").read_text()) for run in runs]
+GAMES = ["tests.catch:Catch-v0", "tests.gather:Gather-v0"]
 
 
 @pytest.mark.timeout(1000)
 def test_tiny_preset_learns_catch_and_gather(tmp_path):
     # the preset's whole budget, seed 1, both games at once: about 8.5 minutes on 2 cores. Each must end above
     # its bar, the random return plus half the gap to the optimum (Catch -0.50 -> 1, Gather 0.97 -> 3)
-    catch, gather = run_games_together(tmp_path, ["tests.catch:Catch-v0", "tests.gather:Gather-v0"], 980)
+    catch, gather = run_games_together("twm.py", tmp_path, GAMES, 980)
     assert catch["eval_return_mean"] >= 0.25 and gather["eval_return_mean"] >= 1.99, (catch, gather)
 
 
