@@ -1,0 +1,225 @@
+"""What stops TWM's actor-critic on KeyDoor: the game's state, or how the observation model encodes it?
+
+    python tools/probe_keydoor.py readout [--random-steps N] [flags]  # what a z holds after pretraining
+    python tools/probe_keydoor.py true-state [flags]          # the actor-critic on the true state
+    python tools/probe_keydoor.py real-game [--mode-z] [flags]  # the actor-critic on z of the real game
+
+All three use `twm.py --preset tiny` on `tests.keydoor:KeyDoor-v0` plus any flags (`--actor-lr 1e-3`,
+say), one thread. `readout` trains the observation model alone on 3,000 random steps (or N), as pretraining
+does (the preset's observation updates). It reports the decoder loss on frames of its own replay and on
+fresh frames, the reconstruction error in the cells of the agent, the key and the door, and how well an MLP
+(the actor's shape) reads the agent's, the key's (or "held") and the door's cell from z (the mode and a
+sample): trained on 5,000 frames of fresh random play, tested on 1,000 more. `true-state` trains the
+actor-critic with TWM's losses on real rollouts (the preset's batch and horizon) whose input is the true
+state: one-hot cells of the agent, the key and the door. `real-game` does the same on z of the frames
+through the observation model of `readout` (a sample, as imagination gives; --mode-z: the mode, as the
+policy sees in play). Every 250 updates both print the return of 32 real games.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.distributions import Categorical
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import probe_gather as probe  # noqa: E402  (it puts the repository on the path)
+
+import twm  # noqa: E402
+
+GAME = "tests.keydoor:KeyDoor-v0"
+
+
+def cells(game):
+    """The true state: the agent's cell, the key's (16 while it is held) and the door's, each 0-15."""
+    key = 16 if game.key is None else game.key[0] * 4 + game.key[1]
+    return game.agent[0] * 4 + game.agent[1], key, game.door[0] * 4 + game.door[1]
+
+
+def one_hot_state(game):
+    agent, key, door = cells(game)
+    state = np.zeros(48, np.float32)
+    state[[agent, 16 + key, 32 + door] if key < 16 else [agent, 32 + door]] = 1
+    return state
+
+
+def random_replay(args, steps):
+    """`steps` steps of uniformly random play (seed 99) in a TWM replay."""
+    frames, actions, rewards, first = probe.diagnose.random_play(twm, args, steps)
+    replay = twm.Replay(steps, frames.shape[1:], args.frame_stack, args.buffer_temperature, 1)
+    for i, action in enumerate(actions):
+        replay.add_frame(frames[i], first[i])
+        replay.add_step(action, rewards[i], first[i + 1], False)
+    replay.add_frame(frames[-1], first[-1])
+    return replay
+
+
+def pretrained_observation_model(args, steps=3000):
+    replay = random_replay(args, steps)
+    obs_model = twm.ObservationModel(args, args.frame_stack * replay.frames.shape[1])
+    optimizer = torch.optim.Adam(obs_model.parameters(), args.wm_lr, eps=args.adam_eps)
+    for _ in range(args.pretrain_obs_updates):
+        probe.twm_observation_step(obs_model, optimizer, replay, args)
+    return obs_model.eval(), replay
+
+
+def random_frames(count, seed=5):
+    env, rng = gym.make(GAME), np.random.default_rng(seed)
+    frame, _ = env.reset(seed=seed)
+    frames, labels = [], []
+    for _ in range(count):
+        frames.append(frame.transpose(2, 0, 1))
+        labels.append(cells(env.unwrapped))
+        frame, _, terminated, truncated, _ = env.step(int(rng.integers(4)))
+        if terminated or truncated:
+            frame, _ = env.reset()
+    return torch.as_tensor(np.stack(frames)), torch.tensor(labels)
+
+
+@torch.no_grad()
+def reconstruction_errors(obs_model, frames, labels):
+    """Mean absolute error of the reconstruction (from the mode of z) in each object's cell; the agent's is
+    its 8x8 square, and a key or door under the agent is skipped."""
+    decoded = obs_model.decode(twm.mode_z(obs_model.encode(frames))).clamp(0, 1)
+    errors = (decoded - frames.float() / 255).abs().mean(1)  # (N, 64, 64)
+    out = {}
+    for name, column, margin in (("agent", 0, 4), ("key", 1, 0), ("door", 2, 0)):
+        values = []
+        for error, label in zip(errors, labels.tolist()):
+            cell = label[column]
+            if cell == 16 or (column and cell == label[0]):
+                continue
+            y, x = divmod(cell, 4)
+            top, left = y * 16 + margin, x * 16 + margin
+            values.append(error[top : top + 16 - 2 * margin, left : left + 16 - 2 * margin])
+        out[name] = float(torch.stack([v.mean() for v in values]).mean())
+    return out
+
+
+@torch.no_grad()
+def decoder_loss(obs_model, frames):
+    """The decoder loss of each frame (½ squared error summed over pixels), from the mode of z."""
+    decoded = obs_model.decode(twm.mode_z(obs_model.encode(frames)))
+    return 0.5 * (decoded - frames.float() / 255).square().sum((-3, -2, -1))
+
+
+def readout(args, steps):
+    start = time.perf_counter()
+    obs_model, replay = pretrained_observation_model(args, steps)
+    print(
+        f"observation model: {args.pretrain_obs_updates} updates on {steps} random steps, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
+    frames, labels = random_frames(6000)
+    held, fresh = labels[5000:, 1] == 16, decoder_loss(obs_model, frames[5000:])
+    own = decoder_loss(obs_model, torch.as_tensor(replay.frames[:1000]))
+    print(
+        f"decoder loss per frame: its own replay {own.mean():.1f}, fresh frames {fresh.mean():.1f} "
+        f"(key on the floor {fresh[~held].mean():.1f}, held {fresh[held].mean():.1f}; a missing key costs 86)"
+    )
+    errors = reconstruction_errors(obs_model, frames[5000:], labels[5000:])
+    print("reconstruction error per object cell: " + ", ".join(f"{k} {v:.3f}" for k, v in errors.items()))
+    with torch.no_grad():
+        log_q = obs_model.encode(frames)
+    for name, z in (("mode", twm.mode_z(log_q)), ("sample", twm.sample_z(log_q))):
+        net = twm.mlp(z.shape[1], args.ac_hidden_dim, 16 + 17 + 16, args.ac_layers)
+        optimizer = torch.optim.Adam(net.parameters(), 1e-3)
+        heads = (slice(0, 16), slice(16, 33), slice(33, 49))
+        for _ in range(3000):
+            index = torch.randint(0, 5000, (128,))
+            out = net(z[index])
+            loss = sum(F.cross_entropy(out[:, h], labels[index, k]) for k, h in enumerate(heads))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        with torch.no_grad():
+            guess = torch.stack([net(z[5000:])[:, h].argmax(1) for h in heads], 1)
+        right, held = guess == labels[5000:], labels[5000:, 1] == 16
+        print(
+            f"z ({name}) read by an MLP, held-out accuracy: agent {right[:, 0].float().mean():.2f}, "
+            f"door {right[:, 2].float().mean():.2f}, key on the floor {right[~held, 1].float().mean():.2f} "
+            f"(read as held: {(guess[~held, 1] == 16).float().mean():.2f}), "
+            f"key held {right[held, 1].float().mean():.2f}",
+            flush=True,
+        )
+
+
+def true_state_actor_critic(args, steps):
+    envs = [gym.make(GAME) for _ in range(args.ac_batch_size)]
+    for i, env in enumerate(envs):
+        env.reset(seed=1000 + i)
+    actor, critic = (twm.mlp(48, args.ac_hidden_dim, out, args.ac_layers) for out in (4, 1))
+    optimizers = [
+        torch.optim.Adam(m.parameters(), lr, eps=args.adam_eps)
+        for m, lr in ((actor, args.actor_lr), (critic, args.critic_lr))
+    ]
+
+    def state(games):
+        return torch.as_tensor(np.stack([one_hot_state(env.unwrapped) for env in games]))
+
+    def play(games):  # 32 real games at once, the policy sampled as in evaluation
+        for i, env in enumerate(games):
+            env.reset(seed=123 + i)
+        returns, live = np.zeros(len(games)), np.ones(len(games), bool)
+        while live.any():
+            with torch.no_grad():
+                actions = Categorical(logits=actor(state(games))).sample()
+            for i in np.flatnonzero(live):
+                _, reward, terminated, truncated, _ = games[i].step(int(actions[i]))
+                returns[i] += reward
+                live[i] = not (terminated or truncated)
+        return returns.mean()
+
+    games, start = [gym.make(GAME) for _ in range(32)], time.perf_counter()
+    for step in range(steps + 1):
+        with torch.no_grad():
+            inputs, columns = [state(envs)], []
+            for _ in range(args.ac_horizon):
+                actions = Categorical(logits=actor(inputs[-1])).sample()
+                out = np.zeros((3, len(envs)), np.float32)
+                for i, env in enumerate(envs):
+                    _, reward, terminated, truncated, _ = env.step(int(actions[i]))
+                    out[:, i] = reward, terminated, truncated
+                    if terminated or truncated:
+                        env.reset()
+                reward, terminated, truncated = torch.as_tensor(out)
+                inputs.append(state(envs))
+                columns.append((actions, reward.tanh(), args.gamma * (1 - terminated), truncated.bool()))
+        actions, rewards, discounts, ends = (torch.stack(c, 1) for c in zip(*columns))
+        rollout = (torch.stack(inputs, 1), actions, rewards, discounts, ends, torch.ones_like(rewards))
+        losses = twm.actor_critic_losses(actor, critic, rollout, args)
+        if step % 250 == 0:
+            print(
+                f"actor-critic updates +{step}: {time.perf_counter() - start:.0f} s, "
+                f"real return {play(games):.2f}, "
+                f"policy entropy {float(losses['policy_entropy']):.2f} of its maximum",
+                flush=True,
+            )
+        if step < steps:
+            twm.optimize(losses["actor"] + losses["critic"], optimizers, args.ac_grad_clip)
+
+
+if __name__ == "__main__":
+    mode = sys.argv[1] if len(sys.argv) > 1 else ""
+    if mode not in ("readout", "true-state", "real-game"):
+        sys.exit("usage: python tools/probe_keydoor.py {readout,true-state,real-game} [--mode-z] [flags]")
+    flags, steps = [f for f in sys.argv[2:] if f != "--mode-z"], 3000
+    if "--random-steps" in flags:  # readout: the size of the random replay
+        at = flags.index("--random-steps")
+        steps, flags = int(flags[at + 1]), flags[:at] + flags[at + 2 :]
+    torch.set_num_threads(1)
+    torch.manual_seed(1)
+    args = twm.parse_args(["--preset", "tiny", "--env-id", GAME, *flags])
+    if mode == "readout":
+        readout(args, steps)
+    elif mode == "true-state":
+        true_state_actor_critic(args, 1500)
+    else:
+        obs_model, replay = pretrained_observation_model(args)
+        if "--mode-z" in sys.argv:
+            twm.sample_z = twm.mode_z  # the actor-critic's rollouts see the mode of q(z|o)
+        probe.twm_actor_critic(args, replay, obs_model, twm.DynamicsModel(args, 4), 1000, True)
