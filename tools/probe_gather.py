@@ -6,6 +6,7 @@
     python tools/probe_gather.py world-model twm.py --replay runs/<run>/checkpoint.pt [flags]  # a run's data
     python tools/probe_gather.py world-model twm.py --actor-critic 1000 [flags]  # then the actor-critic alone
     python tools/probe_gather.py world-model iris.py --actor-critic 250 --real-game  # on the real game
+    python tools/probe_gather.py world-model iris.py --actor-critic 250 --real-game --raw-frames  # its frames
     python tools/probe_gather.py actor-critic runs/<iris run>/checkpoint.pt     # more IRIS actor-critic steps
 
 `world-model` trains only the world model of `--preset tiny` (plus any flags) for --steps updates on one
@@ -393,9 +394,16 @@ if __name__ == "__main__":
     parser.add_argument(
         "--real-game", action="store_true", help="the actor-critic learns on the real game instead"
     )
+    parser.add_argument(
+        "--raw-frames",
+        action="store_true",
+        help="IRIS: the policy sees the real frames, not the tokenizer's reconstructions (with --real-game)",
+    )
     known, flags = parser.parse_known_args()
     torch.set_num_threads(1)
     torch.manual_seed(1)
+    if known.raw_frames:  # in the probe's rollouts and in evaluation alike
+        iris.Tokenizer.encode_decode = lambda self, frames: frames.float() / 255
     base = ["--preset", "tiny", "--env-id", "tests.gather:Gather-v0", *flags]
     if known.probe == "actor-critic":
         probe_actor_critic(known.target, known.steps or 600)

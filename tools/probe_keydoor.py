@@ -3,6 +3,7 @@
     python tools/probe_keydoor.py readout [--random-steps N] [flags]  # what a z holds after pretraining
     python tools/probe_keydoor.py true-state [flags]          # the actor-critic on the true state
     python tools/probe_keydoor.py real-game [--mode-z] [flags]  # the actor-critic on z of the real game
+    python tools/probe_keydoor.py iris-tokenizer [flags]      # how IRIS's tokenizer draws the key
 
 All three use `twm.py --preset tiny` on `tests.keydoor:KeyDoor-v0` plus any flags (`--actor-lr 1e-3`,
 say), one thread. `readout` trains the observation model alone on 3,000 random steps (or N), as pretraining
@@ -13,7 +14,10 @@ sample): trained on 5,000 frames of fresh random play, tested on 1,000 more. `tr
 actor-critic with TWM's losses on real rollouts (the preset's batch and horizon) whose input is the true
 state: one-hot cells of the agent, the key and the door. `real-game` does the same on z of the frames
 through the observation model of `readout` (a sample, as imagination gives; --mode-z: the mode, as the
-policy sees in play). Every 250 updates both print the return of 32 real games.
+policy sees in play). Every 250 updates both print the return of 32 real games. `iris-tokenizer` trains
+`iris.py --preset tiny`'s tokenizer (plus flags) on 3,000 random steps for its tokenizer steps, then twice
+and four times as many, and each time reports its reconstruction loss on frames of its replay and on fresh
+frames, the error in the key's and the door's cells, and the colour it gives one key pixel.
 """
 
 import sys
@@ -29,6 +33,7 @@ from torch.distributions import Categorical
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import probe_gather as probe  # noqa: E402  (it puts the repository on the path)
 
+import iris  # noqa: E402
 import twm  # noqa: E402
 
 GAME = "tests.keydoor:KeyDoor-v0"
@@ -98,6 +103,57 @@ def reconstruction_errors(obs_model, frames, labels):
             values.append(error[top : top + 16 - 2 * margin, left : left + 16 - 2 * margin])
         out[name] = float(torch.stack([v.mean() for v in values]).mean())
     return out
+
+
+@torch.no_grad()
+def cell_errors(decoded, frames, labels, column):
+    """Mean absolute error of `decoded` in the cell of object `column` (1 key, 2 door), where the object is
+    on the floor and not under the agent."""
+    errors = (decoded - frames.float() / 255).abs().mean(1)  # (N, 64, 64)
+    values = []
+    for error, label in zip(errors, labels.tolist()):
+        if label[column] == 16 or label[column] == label[0]:
+            continue
+        y, x = divmod(label[column], 4)
+        values.append(error[y * 16 : y * 16 + 16, x * 16 : x * 16 + 16].mean())
+    return float(torch.stack(values).mean())
+
+
+def iris_tokenizer(base):
+    args = iris.parse_args(["--preset", "tiny", "--env-id", GAME, *base])
+    frames, actions, rewards, first = probe.diagnose.random_play(iris, args, 3000)
+    replay = iris.Replay(3000, frames.shape[1:], 1)
+    for i, action in enumerate(actions):
+        replay.add_frame(frames[i], first[i])
+        replay.add_step(action, rewards[i], first[i + 1], False)
+    replay.add_frame(frames[-1], first[-1])
+    tokenizer = iris.Tokenizer(args)
+    optimizer = torch.optim.Adam(tokenizer.parameters(), args.tok_lr)
+    fresh, labels = random_frames(1000)
+    own, held = torch.as_tensor(frames[:1000]), labels[:, 1] == 16
+    steps, start = (
+        args.tok_steps_per_epoch * (args.tok_stop_after - args.tok_start_after),
+        time.perf_counter(),
+    )
+    for step in range(1, 4 * steps + 1):
+        iris.train_tokenizer(tokenizer, optimizer, replay, args, "cpu")
+        if step not in (steps, 2 * steps, 4 * steps):
+            continue
+        with torch.no_grad():
+            loss_own = 0.5 * (tokenizer.encode_decode(own) - own.float() / 255).square().sum((1, 2, 3))
+            decoded = tokenizer.encode_decode(fresh)
+            loss_fresh = 0.5 * (decoded - fresh.float() / 255).square().sum((1, 2, 3))
+        i = int(torch.nonzero(~held)[0])
+        y, x = divmod(int(labels[i, 1]), 4)
+        pixel = (decoded[i, :, y * 16 + 8, x * 16 + 8] * 255).round().int().tolist()
+        print(
+            f"{step} tokenizer steps ({time.perf_counter() - start:.0f} s): reconstruction loss per frame, "
+            f"its replay {loss_own.mean():.1f}, fresh {loss_fresh.mean():.1f} (key on the floor "
+            f"{loss_fresh[~held].mean():.1f}); cell error key {cell_errors(decoded, fresh, labels, 1):.3f}, "
+            f"door {cell_errors(decoded, fresh, labels, 2):.3f}; a key pixel drawn {pixel} "
+            "(key (200, 60, 20), door (120, 66, 202))",
+            flush=True,
+        )
 
 
 @torch.no_grad()
@@ -205,14 +261,16 @@ def true_state_actor_critic(args, steps):
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode not in ("readout", "true-state", "real-game"):
-        sys.exit("usage: python tools/probe_keydoor.py {readout,true-state,real-game} [--mode-z] [flags]")
+    if mode not in ("readout", "true-state", "real-game", "iris-tokenizer"):
+        sys.exit("usage: python tools/probe_keydoor.py {readout,true-state,real-game,iris-tokenizer} [flags]")
     flags, steps = [f for f in sys.argv[2:] if f != "--mode-z"], 3000
     if "--random-steps" in flags:  # readout: the size of the random replay
         at = flags.index("--random-steps")
         steps, flags = int(flags[at + 1]), flags[:at] + flags[at + 2 :]
     torch.set_num_threads(1)
     torch.manual_seed(1)
+    if mode == "iris-tokenizer":
+        sys.exit(iris_tokenizer(flags))
     args = twm.parse_args(["--preset", "tiny", "--env-id", GAME, *flags])
     if mode == "readout":
         readout(args, steps)
