@@ -181,11 +181,11 @@ class Args:
     eval_temperature: float = 0.5
     """policy softmax temperature at evaluation (still sampled, not argmax)"""
 
-# Tiny keeps every mechanism (K = 16 tokens), shrinks widths, batches and steps, gives the GPT 2,160 steps
-# on fixed tokens before the actor-critic (else it exploits their errors); γ 0.95 (docs/tiny_games.md).
+# Tiny keeps every mechanism (K = 16), shrinks sizes; γ 0.95; 2,160 GPT steps before the actor-critic (else
+# it exploits their errors); tokenizer lr 1e-2: 3e-3 draws KeyDoor's key purple (docs/tiny_games.md).
 TINY = dict(total_timesteps=3000, eval_every=1000, interim_eval_episodes=20, eval_episodes=50, log_every=20,
             tok_ch=8, tok_num_res_blocks=1, tok_attn_resolutions=(), tok_z_channels=32, tok_vocab_size=64,
-            tok_embed_dim=32, tok_lr=3e-3, tok_batch_size=32, wm_num_layers=2, wm_num_heads=4,
+            tok_embed_dim=32, tok_lr=1e-2, tok_batch_size=32, wm_num_layers=2, wm_num_heads=4,
             wm_embed_dim=64, wm_dropout=0.0, wm_sequence_length=8, wm_lr=1e-3, wm_batch_size=16,
             ac_lstm_dim=128, ac_cnn_channels=(16, 16, 32, 32), burn_in=2, imagine_horizon=8, gamma=0.95,
             entropy_coef=0.01, ac_mask_after_end=True, ac_lr=1e-3, ac_batch_size=32, epochs=38,
