@@ -47,10 +47,10 @@ def on_gather(args):
     return "gather" in args.env_id.lower()
 
 
-def twm_replay(args, checkpoint):
-    """3,000 steps of uniformly random play (seed 99), or the replay stored in a run's checkpoint."""
+def twm_replay(args, checkpoint, steps=3000):
+    """`steps` steps of uniformly random play (seed 99), or the replay stored in a run's checkpoint."""
     env = twm.make_env(args, train=True)
-    replay = twm.Replay(3000, env.observation_space.shape, args.frame_stack, args.buffer_temperature, 1)
+    replay = twm.Replay(steps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, 1)
     if checkpoint:
         stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["replay"]
         vars(replay).update(
@@ -60,7 +60,7 @@ def twm_replay(args, checkpoint):
             }
         )
         return replay
-    frames, actions, rewards, first = diagnose.random_play(twm, args, 3000)
+    frames, actions, rewards, first = diagnose.random_play(twm, args, steps)
     for i, action in enumerate(actions):
         replay.add_frame(frames[i], first[i])
         replay.add_step(action, rewards[i], first[i + 1], False)

@@ -52,19 +52,8 @@ def one_hot_state(game):
     return state
 
 
-def random_replay(args, steps):
-    """`steps` steps of uniformly random play (seed 99) in a TWM replay."""
-    frames, actions, rewards, first = probe.diagnose.random_play(twm, args, steps)
-    replay = twm.Replay(steps, frames.shape[1:], args.frame_stack, args.buffer_temperature, 1)
-    for i, action in enumerate(actions):
-        replay.add_frame(frames[i], first[i])
-        replay.add_step(action, rewards[i], first[i + 1], False)
-    replay.add_frame(frames[-1], first[-1])
-    return replay
-
-
 def pretrained_observation_model(args, steps=3000):
-    replay = random_replay(args, steps)
+    replay = probe.twm_replay(args, None, steps)
     obs_model = twm.ObservationModel(args, args.frame_stack * replay.frames.shape[1])
     optimizer = torch.optim.Adam(obs_model.parameters(), args.wm_lr, eps=args.adam_eps)
     for _ in range(args.pretrain_obs_updates):
