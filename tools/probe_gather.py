@@ -50,9 +50,10 @@ def on_gather(args):
 def twm_replay(args, checkpoint, steps=3000):
     """`steps` steps of uniformly random play (seed 99), or the replay stored in a run's checkpoint."""
     env = twm.make_env(args, train=True)
+    stored = checkpoint and torch.load(checkpoint, map_location="cpu", weights_only=False)["replay"]
+    steps = len(stored["actions"]) if checkpoint else steps  # a checkpoint's replay holds its filled part
     replay = twm.Replay(steps, env.observation_space.shape, args.frame_stack, args.buffer_temperature, 1)
     if checkpoint:
-        stored = torch.load(checkpoint, map_location="cpu", weights_only=False)["replay"]
         vars(replay).update(
             {
                 k: stored[k]

@@ -2,22 +2,29 @@
 
     python tools/probe_keydoor.py readout [--random-steps N] [flags]  # what a z holds after pretraining
     python tools/probe_keydoor.py true-state [flags]          # the actor-critic on the true state
-    python tools/probe_keydoor.py real-game [--mode-z] [flags]  # the actor-critic on z of the real game
+    python tools/probe_keydoor.py real-game [--mode-z] [--checkpoint C] [flags]  # the actor-critic on z
     python tools/probe_keydoor.py iris-tokenizer [flags]      # how IRIS's tokenizer draws the key
+    python tools/probe_keydoor.py imagination runs/<run>/checkpoint.pt  # does TWM's dream keep the key?
 
-All three use `twm.py --preset tiny` on `tests.keydoor:KeyDoor-v0` plus any flags (`--actor-lr 1e-3`,
+The first three use `twm.py --preset tiny` on `tests.keydoor:KeyDoor-v0` plus any flags (`--actor-lr 1e-3`,
 say), one thread. `readout` trains the observation model alone on 3,000 random steps (or N), as pretraining
-does (the preset's observation updates). It reports the decoder loss on frames of its own replay and on
-fresh frames, the reconstruction error in the cells of the agent, the key and the door, and how well an MLP
-(the actor's shape) reads the agent's, the key's (or "held") and the door's cell from z (the mode and a
-sample): trained on 5,000 frames of fresh random play, tested on 1,000 more. `true-state` trains the
-actor-critic with TWM's losses on real rollouts (the preset's batch and horizon) whose input is the true
-state: one-hot cells of the agent, the key and the door. `real-game` does the same on z of the frames
-through the observation model of `readout` (a sample, as imagination gives; --mode-z: the mode, as the
-policy sees in play). Every 250 updates both print the return of 32 real games. `iris-tokenizer` trains
-`iris.py --preset tiny`'s tokenizer (plus flags) on 3,000 random steps for its tokenizer steps, then twice
-and four times as many, and each time reports its reconstruction loss on frames of its replay and on fresh
-frames, the error in the key's and the door's cells, and the colour it gives one key pixel.
+does (the preset's observation updates). It reports the decoder loss on frames of its own replay and on fresh
+frames, the reconstruction error in the cells of the agent, the key and the door, and how well an MLP (the
+actor's shape) reads the agent's, the key's (or "held") and the door's cell from z (the mode and a sample):
+trained on 5,000 frames of fresh random play, tested on 1,000 more. `true-state` trains the actor-critic with
+TWM's losses on real rollouts (the preset's batch and horizon) whose input is the true state: one-hot cells of
+the agent, the key and the door. `real-game` does the same on z of the frames through the observation model of
+`readout` (a sample, as imagination gives; --mode-z: the mode, as the policy sees in play), or with
+--checkpoint through that of a TWM run's checkpoint. Every 250 updates both print the return of 32 real games.
+`iris-tokenizer` trains `iris.py --preset tiny`'s tokenizer (plus flags) on 3,000 random steps for its
+tokenizer steps, then twice and four times as many, and each time reports its reconstruction loss on frames of
+its replay and on fresh frames, the error in the key's and the door's cells, and the colour it gives one key
+pixel. `imagination` loads a TWM KeyDoor run's checkpoint, plays 32 real games with its actor, and imagines 20
+batches from its replay as the training loop does. It reads the objects of each decoded imagined frame (the
+agent's white centre, the key's orange and the door's purple in a cell's corner) and reports how often a key
+lying on the floor vanishes though the agent did not step onto it, how often a key appears while one is held,
+whether stepping onto the key picks it up, and the reward r̂ predicted where the agent steps onto the door
+holding the key (tanh 1 = 0.76) and elsewhere.
 """
 
 import sys
@@ -35,6 +42,7 @@ import probe_gather as probe  # noqa: E402  (it puts the repository on the path)
 
 import iris  # noqa: E402
 import twm  # noqa: E402
+from tests.keydoor import DOOR, KEY, MOVES  # noqa: E402
 
 GAME = "tests.keydoor:KeyDoor-v0"
 
@@ -248,25 +256,104 @@ def true_state_actor_critic(args, steps):
             twm.optimize(losses["actor"] + losses["critic"], optimizers, args.ac_grad_clip)
 
 
+def objects(frames):
+    """Cells (N, 16) where a frame in [0, 1] shows the agent (white centre), the key and the door (colour in
+    a cell's corner, away from the agent)."""
+    cells = frames.reshape(-1, 3, 4, 16, 4, 16)
+    centre, corner = cells[:, :, :, 6:10, :, 6:10].mean((3, 5)), cells[:, :, :, :3, :, :3].mean((3, 5))
+    agent = (centre.min(1).values > 0.7).flatten(1)
+    key, door = (
+        ((corner - torch.tensor(colour)[None, :, None, None] / 255).abs().max(1).values < 0.2).flatten(1)
+        for colour in (KEY, DOOR)
+    )
+    return agent, key, door
+
+
+def run_models(path):
+    """The flags and the observation model, dynamics model, actor and critic of a TWM run's checkpoint."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    args = twm.Args(**{k: v for k, v in checkpoint["args"].items() if k in twm.Args.__dataclass_fields__})
+    z_dim = args.z_categoricals * args.z_classes
+    obs_model, dyn = twm.ObservationModel(args, 3 * args.frame_stack), twm.DynamicsModel(args, 4)
+    actor, critic = (twm.mlp(z_dim, args.ac_hidden_dim, out, args.ac_layers) for out in (4, 1))
+    for module, state in zip((obs_model, dyn, actor, critic), checkpoint["models"]):
+        module.load_state_dict(state)
+        module.eval()
+    return args, obs_model, dyn, actor, critic
+
+
+@torch.no_grad()
+def imagination(path):
+    args, obs_model, dyn, actor, _ = run_models(path)
+    returns = twm.evaluate(args, lambda stacks: twm.act(obs_model, actor, stacks, "cpu"), 32, seed=123)
+    print(f"the run's actor on 32 real games: {returns.mean():.2f}")
+    replay, rows = probe.twm_replay(args, path), []
+    for _ in range(20):
+        z, actions, rewards, _, ends, _ = probe.imagined_batch(args, replay, obs_model, dyn, actor)
+        agent, key, door = (x.view(*z.shape[:2], 16) for x in objects(obs_model.decode(z).clamp(0, 1)))
+        clear = (agent.sum(-1) == 1) & (door.sum(-1) == 1) & (key.sum(-1) <= 1)  # (N, H+1)
+        on_floor, held = key.sum(-1) == 1, key.sum(-1) == 0
+        cell = agent.float().argmax(-1)[:, :-1]
+        moves = torch.tensor(MOVES)[actions]  # (N, H, 2)
+        target = (cell // 4 + moves[..., 0]).clamp(0, 3) * 4 + (cell % 4 + moves[..., 1]).clamp(0, 3)
+        both = clear[:, :-1] & clear[:, 1:] & ~ends  # readable before and after, no restart between
+        onto_key = both & on_floor[:, :-1] & (target == key.float().argmax(-1)[:, :-1])
+        onto_door = both & held[:, :-1] & (target == door.float().argmax(-1)[:, :-1])
+        columns = (
+            both & on_floor[:, :-1] & ~onto_key,
+            both & on_floor[:, :-1] & ~onto_key & held[:, 1:],
+            both & held[:, :-1] & ~onto_door,
+            both & held[:, :-1] & ~onto_door & on_floor[:, 1:],
+            onto_key,
+            onto_key & held[:, 1:],
+            onto_door,
+            both & ~onto_door,
+        )
+        rows.append(torch.stack([*(c.float() for c in columns), rewards], -1).flatten(0, 1))
+    floor, vanish, held, appear, onto_key, picked, onto_door, other, reward = torch.cat(rows).T
+    readable = floor + held
+    print(
+        f"imagined steps between two readable frames: {readable.sum() / len(reward):.2f} of all; a key "
+        f"on the floor vanishes (agent not onto it) in {vanish.sum() / floor.sum():.3f}, a key appears "
+        f"while one is held in {appear.sum() / held.sum():.3f}; stepping onto the key picks it up in "
+        f"{picked.sum() / onto_key.sum():.2f}; r̂ where the agent steps onto the door holding the key "
+        f"{reward[onto_door == 1].mean():.3f} ({onto_door.sum() / readable.sum():.3f} of readable steps; "
+        f"tanh 1 = 0.762), elsewhere {reward[other == 1].mean():.4f}",
+        flush=True,
+    )
+
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode not in ("readout", "true-state", "real-game", "iris-tokenizer"):
-        sys.exit("usage: python tools/probe_keydoor.py {readout,true-state,real-game,iris-tokenizer} [flags]")
-    flags, steps = [f for f in sys.argv[2:] if f != "--mode-z"], 3000
+    if mode not in ("readout", "true-state", "real-game", "iris-tokenizer", "imagination"):
+        sys.exit(
+            "usage: python tools/probe_keydoor.py {readout,true-state,real-game,iris-tokenizer} [flags] "
+            "| imagination CHECKPOINT"
+        )
+    flags, steps, checkpoint = [f for f in sys.argv[2:] if f != "--mode-z"], 3000, None
     if "--random-steps" in flags:  # readout: the size of the random replay
         at = flags.index("--random-steps")
         steps, flags = int(flags[at + 1]), flags[:at] + flags[at + 2 :]
+    if "--checkpoint" in flags:  # real-game: the observation model of a run instead of a pretrained one
+        at = flags.index("--checkpoint")
+        checkpoint, flags = flags[at + 1], flags[:at] + flags[at + 2 :]
     torch.set_num_threads(1)
     torch.manual_seed(1)
     if mode == "iris-tokenizer":
         sys.exit(iris_tokenizer(flags))
+    if mode == "imagination":
+        sys.exit(imagination(flags[0]))
     args = twm.parse_args(["--preset", "tiny", "--env-id", GAME, *flags])
     if mode == "readout":
         readout(args, steps)
     elif mode == "true-state":
         true_state_actor_critic(args, 1500)
     else:
-        obs_model, replay = pretrained_observation_model(args)
+        if checkpoint:
+            args, obs_model = run_models(checkpoint)[:2]
+            replay = probe.twm_replay(args, checkpoint)
+        else:
+            obs_model, replay = pretrained_observation_model(args)
         if "--mode-z" in sys.argv:
             twm.sample_z = twm.mode_z  # the actor-critic's rollouts see the mode of q(z|o)
         probe.twm_actor_critic(args, replay, obs_model, twm.DynamicsModel(args, 4), 1000, True)
