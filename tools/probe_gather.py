@@ -343,17 +343,23 @@ def iris_actor_critic(args, tokenizer, world_model, replay, steps, real_game):
             )
 
 
-def probe_actor_critic(path, steps):
+def iris_run(path):
+    """The flags, tokenizer, world model, actor-critic (eval mode) and replay of an IRIS run's checkpoint."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     args = iris.Args(**{k: v for k, v in checkpoint["args"].items() if k in iris.Args.__dataclass_fields__})
     tokenizer, world_model = iris.Tokenizer(args).eval(), iris.WorldModel(args, 4).eval()
     actor_critic = iris.ActorCritic(4, args.ac_lstm_dim, args.ac_cnn_channels).eval()
     for module, state in zip((tokenizer, world_model, actor_critic), checkpoint["models"]):
         module.load_state_dict(state)
-    optimizer = torch.optim.Adam(actor_critic.parameters(), args.ac_lr)
     replay = iris.Replay(len(checkpoint["replay"]["actions"]), (3, 64, 64), 0)
     vars(replay).update({k: v for k, v in checkpoint["replay"].items() if k != "rng"})
     replay.tokens[:] = -1  # encoded again by this tokenizer
+    return args, tokenizer, world_model, actor_critic, replay
+
+
+def probe_actor_critic(path, steps):
+    args, tokenizer, world_model, actor_critic, replay = iris_run(path)
+    optimizer = torch.optim.Adam(actor_critic.parameters(), args.ac_lr)
 
     def policy(frames, state):
         return iris.act(tokenizer, actor_critic, frames, state, args.eval_temperature, 0.0, "cpu")

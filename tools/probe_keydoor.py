@@ -5,6 +5,7 @@
     python tools/probe_keydoor.py real-game [--mode-z] [--checkpoint C] [flags]  # the actor-critic on z
     python tools/probe_keydoor.py iris-tokenizer [flags]      # how IRIS's tokenizer draws the key
     python tools/probe_keydoor.py imagination runs/<run>/checkpoint.pt  # does TWM's dream keep the key?
+    python tools/probe_keydoor.py iris-imagination runs/<run>/checkpoint.pt  # the same for an IRIS run
 
 The first three use `twm.py --preset tiny` on `tests.keydoor:KeyDoor-v0` plus any flags (`--actor-lr 1e-3`,
 say), one thread. `readout` trains the observation model alone on 3,000 random steps (or N), as pretraining
@@ -24,7 +25,9 @@ batches from its replay as the training loop does. It reads the objects of each 
 agent's white centre, the key's orange and the door's purple in a cell's corner) and reports how often a key
 lying on the floor vanishes though the agent did not step onto it, how often a key appears while one is held,
 whether stepping onto the key picks it up, and the reward r̂ predicted where the agent steps onto the door
-holding the key (tanh 1 = 0.76) and elsewhere.
+holding the key (tanh 1 = 0.76) and elsewhere. `iris-imagination` does the same for an IRIS run (its policy
+sees the decoded frames; r̂ in {-1, 0, 1}; steps after the first predicted end are left out), and first the
+colours its tokenizer gives the key's and the door's cells.
 """
 
 import sys
@@ -257,16 +260,13 @@ def true_state_actor_critic(args, steps):
 
 
 def objects(frames):
-    """Cells (N, 16) where a frame in [0, 1] shows the agent (white centre), the key and the door (colour in
-    a cell's corner, away from the agent)."""
+    """Cells (N, 16) where a frame in [0, 1] shows the agent (a white centre), the key and the door (the
+    colour nearest to a cell's corner among black, the key's and the door's)."""
     cells = frames.reshape(-1, 3, 4, 16, 4, 16)
-    centre, corner = cells[:, :, :, 6:10, :, 6:10].mean((3, 5)), cells[:, :, :, :3, :, :3].mean((3, 5))
-    agent = (centre.min(1).values > 0.7).flatten(1)
-    key, door = (
-        ((corner - torch.tensor(colour)[None, :, None, None] / 255).abs().max(1).values < 0.2).flatten(1)
-        for colour in (KEY, DOOR)
-    )
-    return agent, key, door
+    centre, corner = cells[:, :, :, 6:10, :, 6:10].mean((3, 5)), cells[:, :, :, 1:4, :, 1:4].mean((3, 5))
+    colours = torch.tensor([(0, 0, 0), KEY, DOOR], dtype=torch.float32) / 255  # (3 colours, 3 channels)
+    nearest = (corner[:, None] - colours[None, :, :, None, None]).square().sum(2).argmin(1).flatten(1)
+    return (centre.min(1).values > 0.6).flatten(1), nearest == 1, nearest == 2
 
 
 def run_models(path):
@@ -282,6 +282,47 @@ def run_models(path):
     return args, obs_model, dyn, actor, critic
 
 
+def dream_steps(frames, actions, rewards, ends):
+    """Per imagined step (N*H rows): whether a key on the floor vanished or a key appeared (agent not onto
+    it), whether stepping onto the key picked it up, stepping onto the door holding the key, and r̂. Frames
+    (N, H+1, 3, 64, 64) in [0, 1]; actions, rewards, ends (N, H); a step counts where both its frames are
+    readable (one agent, one door, at most one key) and no end or restart lies between them."""
+    agent, key, door = (x.view(*frames.shape[:2], 16) for x in objects(frames))
+    clear = (agent.sum(-1) == 1) & (door.sum(-1) == 1) & (key.sum(-1) <= 1)  # (N, H+1)
+    on_floor, held = key.sum(-1) == 1, key.sum(-1) == 0
+    cell = agent.float().argmax(-1)[:, :-1]
+    moves = torch.tensor(MOVES)[actions]  # (N, H, 2)
+    target = (cell // 4 + moves[..., 0]).clamp(0, 3) * 4 + (cell % 4 + moves[..., 1]).clamp(0, 3)
+    both = clear[:, :-1] & clear[:, 1:] & ~ends
+    onto_key = both & on_floor[:, :-1] & (target == key.float().argmax(-1)[:, :-1])
+    onto_door = both & held[:, :-1] & (target == door.float().argmax(-1)[:, :-1])
+    columns = (
+        both & on_floor[:, :-1] & ~onto_key,
+        both & on_floor[:, :-1] & ~onto_key & held[:, 1:],
+        both & held[:, :-1] & ~onto_door,
+        both & held[:, :-1] & ~onto_door & on_floor[:, 1:],
+        onto_key,
+        onto_key & held[:, 1:],
+        onto_door,
+        both & ~onto_door,
+    )
+    return torch.stack([*(c.float() for c in columns), rewards], -1).flatten(0, 1)
+
+
+def report(rows, door_reward):
+    floor, vanish, held, appear, onto_key, picked, onto_door, other, reward = rows.T
+    readable = floor + held
+    print(
+        f"imagined steps between two readable frames: {readable.sum() / len(reward):.2f} of all; a key "
+        f"on the floor vanishes (agent not onto it) in {vanish.sum() / floor.sum():.3f}, a key appears "
+        f"while one is held in {appear.sum() / held.sum():.3f}; stepping onto the key picks it up in "
+        f"{picked.sum() / onto_key.sum():.2f}; r̂ where the agent steps onto the door holding the key "
+        f"{reward[onto_door == 1].mean():.3f} ({onto_door.sum() / readable.sum():.3f} of readable steps; "
+        f"the real reward {door_reward}), elsewhere {reward[other == 1].mean():.4f}",
+        flush=True,
+    )
+
+
 @torch.no_grad()
 def imagination(path):
     args, obs_model, dyn, actor, _ = run_models(path)
@@ -290,45 +331,71 @@ def imagination(path):
     replay, rows = probe.twm_replay(args, path), []
     for _ in range(20):
         z, actions, rewards, _, ends, _ = probe.imagined_batch(args, replay, obs_model, dyn, actor)
-        agent, key, door = (x.view(*z.shape[:2], 16) for x in objects(obs_model.decode(z).clamp(0, 1)))
-        clear = (agent.sum(-1) == 1) & (door.sum(-1) == 1) & (key.sum(-1) <= 1)  # (N, H+1)
-        on_floor, held = key.sum(-1) == 1, key.sum(-1) == 0
-        cell = agent.float().argmax(-1)[:, :-1]
-        moves = torch.tensor(MOVES)[actions]  # (N, H, 2)
-        target = (cell // 4 + moves[..., 0]).clamp(0, 3) * 4 + (cell % 4 + moves[..., 1]).clamp(0, 3)
-        both = clear[:, :-1] & clear[:, 1:] & ~ends  # readable before and after, no restart between
-        onto_key = both & on_floor[:, :-1] & (target == key.float().argmax(-1)[:, :-1])
-        onto_door = both & held[:, :-1] & (target == door.float().argmax(-1)[:, :-1])
-        columns = (
-            both & on_floor[:, :-1] & ~onto_key,
-            both & on_floor[:, :-1] & ~onto_key & held[:, 1:],
-            both & held[:, :-1] & ~onto_door,
-            both & held[:, :-1] & ~onto_door & on_floor[:, 1:],
-            onto_key,
-            onto_key & held[:, 1:],
-            onto_door,
-            both & ~onto_door,
+        rows.append(dream_steps(obs_model.decode(z).clamp(0, 1), actions, rewards, ends))
+    report(torch.cat(rows), "tanh 1 = 0.762")
+
+
+@torch.no_grad()
+def iris_imagination(path):
+    """IRIS's imagination from the end of a run, read as `imagination` reads TWM's (rewards in {-1, 0, 1})."""
+    args, tokenizer, world_model, actor_critic, replay = probe.iris_run(path)
+
+    def policy(frames, state):
+        return iris.act(tokenizer, actor_critic, frames, state, args.eval_temperature, 0.0, "cpu")
+
+    print(f"the run's policy on 32 real games: {iris.evaluate(args, policy, 32, seed=123).mean():.2f}")
+    frames, labels = random_frames(500)
+    decoded, colours = tokenizer.encode_decode(frames), []
+    for column in (1, 2):  # the key's cell (where it lies on the floor) and the door's, 2 pixels in
+        cells = [divmod(int(label[column]), 4) for label in labels if label[1] < 16]
+        colours.append(
+            torch.stack(
+                [
+                    decoded[i, :, 16 * y + 2 : 16 * y + 14, 16 * x + 2 : 16 * x + 14].mean((1, 2))
+                    for i, (y, x) in zip(torch.nonzero(labels[:, 1] < 16)[:, 0], cells)
+                ]
+            ).mean(0)
         )
-        rows.append(torch.stack([*(c.float() for c in columns), rewards], -1).flatten(0, 1))
-    floor, vanish, held, appear, onto_key, picked, onto_door, other, reward = torch.cat(rows).T
-    readable = floor + held
     print(
-        f"imagined steps between two readable frames: {readable.sum() / len(reward):.2f} of all; a key "
-        f"on the floor vanishes (agent not onto it) in {vanish.sum() / floor.sum():.3f}, a key appears "
-        f"while one is held in {appear.sum() / held.sum():.3f}; stepping onto the key picks it up in "
-        f"{picked.sum() / onto_key.sum():.2f}; r̂ where the agent steps onto the door holding the key "
-        f"{reward[onto_door == 1].mean():.3f} ({onto_door.sum() / readable.sum():.3f} of readable steps; "
-        f"tanh 1 = 0.762), elsewhere {reward[other == 1].mean():.4f}",
-        flush=True,
+        f"its tokenizer draws the key {(colours[0] * 255).round().int().tolist()} (real {KEY}), "
+        f"the door {(colours[1] * 255).round().int().tolist()} (real {DOOR}), on average over fresh frames"
     )
+    rows = []
+    for _ in range(20):
+        tokens, _, _, _, mask = replay.segments(
+            args.ac_batch_size, args.burn_in + 1, False, "cpu", tokenizer, True
+        )
+        recon = torch.zeros(*mask.shape, 3, 64, 64)
+        recon[mask] = tokenizer.decode(tokens[mask])
+        state = actor_critic.burn_in(recon[:, :-1], mask[:, :-1])
+        cache = world_model.new_cache(len(tokens))
+        world_model(tokens[:, -1], cache)
+        frames, actions, rewards, ends = [recon[:, -1]], [], [], []
+        for _ in range(args.imagine_horizon - 1):  # the last step of imagine() draws no frame
+            logits, _, state = actor_critic(frames[-1], state)
+            actions.append(Categorical(logits=logits).sample())
+            reward, end, frame = iris.world_model_step(world_model, tokenizer, cache, actions[-1])
+            frames, rewards, ends = frames + [frame], rewards + [reward], ends + [end.bool()]
+        frames = torch.stack(frames, 1)  # (N, H+1, 3, 64, 64)
+        actions, rewards, ends = (torch.stack(x, 1) for x in (actions, rewards, ends))
+        ends = ends.cumsum(1).bool()  # after a predicted end the imagination goes on in a dream of a new game
+        rows.append(dream_steps(frames, actions, rewards, ends))
+    report(torch.cat(rows), "1")
 
 
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode not in ("readout", "true-state", "real-game", "iris-tokenizer", "imagination"):
+    if mode not in (
+        "readout",
+        "true-state",
+        "real-game",
+        "iris-tokenizer",
+        "imagination",
+        "iris-imagination",
+    ):
         sys.exit(
             "usage: python tools/probe_keydoor.py {readout,true-state,real-game,iris-tokenizer} [flags] "
-            "| imagination CHECKPOINT"
+            "| {imagination,iris-imagination} CHECKPOINT"
         )
     flags, steps, checkpoint = [f for f in sys.argv[2:] if f != "--mode-z"], 3000, None
     if "--random-steps" in flags:  # readout: the size of the random replay
@@ -341,8 +408,8 @@ if __name__ == "__main__":
     torch.manual_seed(1)
     if mode == "iris-tokenizer":
         sys.exit(iris_tokenizer(flags))
-    if mode == "imagination":
-        sys.exit(imagination(flags[0]))
+    if mode in ("imagination", "iris-imagination"):
+        sys.exit((imagination if mode == "imagination" else iris_imagination)(flags[0]))
     args = twm.parse_args(["--preset", "tiny", "--env-id", GAME, *flags])
     if mode == "readout":
         readout(args, steps)
