@@ -345,21 +345,17 @@ def iris_imagination(path):
 
     print(f"the run's policy on 32 real games: {iris.evaluate(args, policy, 32, seed=123).mean():.2f}")
     frames, labels = random_frames(500)
-    decoded, colours = tokenizer.encode_decode(frames), []
-    for column in (1, 2):  # the key's cell (where it lies on the floor) and the door's, 2 pixels in
-        cells = [divmod(int(label[column]), 4) for label in labels if label[1] < 16]
-        colours.append(
-            torch.stack(
-                [
-                    decoded[i, :, 16 * y + 2 : 16 * y + 14, 16 * x + 2 : 16 * x + 14].mean((1, 2))
-                    for i, (y, x) in zip(torch.nonzero(labels[:, 1] < 16)[:, 0], cells)
-                ]
-            ).mean(0)
-        )
-    print(
-        f"its tokenizer draws the key {(colours[0] * 255).round().int().tolist()} (real {KEY}), "
-        f"the door {(colours[1] * 255).round().int().tolist()} (real {DOOR}), on average over fresh frames"
-    )
+    decoded, on_floor = tokenizer.encode_decode(frames), labels[labels[:, 1] < 16]
+    decoded = decoded[labels[:, 1] < 16]  # frames whose key lies on the floor
+
+    def colour(column):  # the mean drawn colour of object `column`'s cell, 2 pixels in from its edges
+        cells = [divmod(int(cell), 4) for cell in on_floor[:, column]]
+        patches = [
+            d[:, 16 * y + 2 : 16 * y + 14, 16 * x + 2 : 16 * x + 14] for d, (y, x) in zip(decoded, cells)
+        ]
+        return (torch.stack([p.mean((1, 2)) for p in patches]).mean(0) * 255).round().int().tolist()
+
+    print(f"its tokenizer draws the key {colour(1)} (real {KEY}), the door {colour(2)} (real {DOOR})")
     rows = []
     for _ in range(20):
         tokens, _, _, _, mask = replay.segments(
@@ -383,16 +379,12 @@ def iris_imagination(path):
     report(torch.cat(rows), "1")
 
 
+CHECKPOINT_MODES = ("imagination", "iris-imagination")
+
 if __name__ == "__main__":
     mode = sys.argv[1] if len(sys.argv) > 1 else ""
-    if mode not in (
-        "readout",
-        "true-state",
-        "real-game",
-        "iris-tokenizer",
-        "imagination",
-        "iris-imagination",
-    ):
+    known = ("readout", "true-state", "real-game", "iris-tokenizer", *CHECKPOINT_MODES)
+    if mode not in known or (mode in CHECKPOINT_MODES and len(sys.argv) < 3):
         sys.exit(
             "usage: python tools/probe_keydoor.py {readout,true-state,real-game,iris-tokenizer} [flags] "
             "| {imagination,iris-imagination} CHECKPOINT"
@@ -408,7 +400,7 @@ if __name__ == "__main__":
     torch.manual_seed(1)
     if mode == "iris-tokenizer":
         sys.exit(iris_tokenizer(flags))
-    if mode in ("imagination", "iris-imagination"):
+    if mode in CHECKPOINT_MODES:
         sys.exit((imagination if mode == "imagination" else iris_imagination)(flags[0]))
     args = twm.parse_args(["--preset", "tiny", "--env-id", GAME, *flags])
     if mode == "readout":
